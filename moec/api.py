@@ -1,0 +1,69 @@
+"""The Python API: ``moec.compile`` and ``moec.inspect``.
+
+Contract:
+- ``compile(model, **options)`` is ``torch.compile(model, backend=moec_backend, ...)`` after
+  converting the model's MoE layers; options: ``inner`` ("inductor", "aot_eager", "eager"),
+  ``dynamic`` and ``fullgraph`` (passed to torch.compile).
+- ``inspect(model, *args, **kwargs)`` converts, traces the call once with dynamo (no lowering,
+  the model's outputs are not used) and returns a ``Report``: the MoE layers found, the graph
+  breaks of the whole call with their reasons, the layers left alone, and the captured graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from moec.backend import INNER_COMPILERS, moec_backend
+from moec.capture import convert_model
+from moec.capture.hook import active
+from moec.report import Fallback, Report
+
+_COMPILE_OPTIONS = ("inner", "dynamic", "fullgraph")
+
+
+def compile(model: nn.Module, **options: Any):
+    unknown = sorted(set(options) - set(_COMPILE_OPTIONS))
+    if unknown:
+        raise TypeError(f"moec.compile: unknown options {unknown}; known: {list(_COMPILE_OPTIONS)}")
+    inner = options.get("inner", "inductor")
+    if inner not in INNER_COMPILERS:
+        raise ValueError(f"moec.compile: unknown inner compiler {inner!r}; expected one of {INNER_COMPILERS}")
+    if isinstance(model, nn.Module):
+        convert_model(model)
+    return torch.compile(
+        model,
+        backend=moec_backend,
+        options={"inner": inner},
+        dynamic=options.get("dynamic"),
+        fullgraph=options.get("fullgraph", False),
+    )
+
+
+def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"moec.inspect: expected an nn.Module, got {type(model).__name__}")
+    result = convert_model(model)
+    graphs: list[str] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))
+        return gm.forward
+
+    record._moec_backend = True
+    counters = torch._dynamo.utils.counters
+    before = dict(counters["graph_break"])
+    traced = torch._dynamo.optimize(record, dynamic=None)(model)
+    with active(), torch.no_grad():
+        traced(*args, **kwargs)
+    breaks = {k: v - before.get(k, 0) for k, v in counters["graph_break"].items() if v - before.get(k, 0) > 0}
+    fallbacks = list(result.fallbacks)
+    fallbacks += [Fallback("graph break", f"{reason} (x{n})") for reason, n in breaks.items()]
+    return Report(
+        moe_layers=list(result.layers),
+        graph_breaks=sum(breaks.values()),
+        fallbacks=fallbacks,
+        graphs=graphs,
+    )

@@ -1,0 +1,6 @@
+"""Capture: recognise MoE layers in a model and route dynamo through canonical ``moec::`` ops."""
+
+from moec.capture.convert import CaptureResult, convert_model  # noqa: F401
+from moec.capture.hook import install
+
+install()

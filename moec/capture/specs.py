@@ -1,0 +1,86 @@
+"""What a recogniser proved about one MoE layer: enough to run it as canonical ``moec::`` ops.
+
+Contract: a spec is built only after its canonical computation matched the module's own forward
+on probe inputs (see ``recognisers.py``). ``fetch_*`` callables read the module's live
+parameters at call time, so training updates and ``load_state_dict`` stay visible.
+
+Legend: T tokens, H hidden, E experts, K top-k, F first-GEMM width, I expert hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass
+class RouterSpec:
+    kind: str
+    top_k: int
+    num_experts: int
+    renormalize: bool = False
+    num_groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0
+    capacity: int = 0
+    # () -> (w_EH, b_E or None, correction_bias_E or None)
+    fetch: Callable[[], tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = dataclasses.field(repr=False, default=None)
+    logits_dtype: Optional[torch.dtype] = None
+
+    def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        _, _, correction_bias = self.fetch()
+        return torch.ops.moec.route(
+            logits, correction_bias, self.kind, self.top_k, self.num_groups, self.topk_groups,
+            self.renormalize, self.scaling, self.capacity,
+        )
+
+    def logits(self, x: Tensor) -> Tensor:
+        w_EH, b_E, _ = self.fetch()
+        dtype = self.logits_dtype or x.dtype
+        return torch.nn.functional.linear(x.to(dtype), w_EH.to(dtype), None if b_E is None else b_E.to(dtype))
+
+    @property
+    def report_kind(self) -> str:
+        return self.kind
+
+
+@dataclasses.dataclass
+class FFNSpec:
+    """One FFN shape (the experts' stacked, or a shared expert's unstacked)."""
+
+    activation: str
+    transposed: bool
+    interleaved: bool
+    hidden_size: int
+    expert_hidden_size: int
+    alpha: float = 1.0
+    limit: float = 0.0
+    has_bias: bool = False
+    # () -> (w_in, w_out, b_in or None, b_out or None)
+    fetch: Callable[[], tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]] = dataclasses.field(
+        repr=False, default=None
+    )
+
+    def attrs(self) -> tuple:
+        return (self.activation, self.transposed, self.interleaved, self.alpha, self.limit)
+
+
+@dataclasses.dataclass
+class ExpertsSpec:
+    ffn: FFNSpec
+    num_experts: int
+
+    def __call__(self, x_TH: Tensor, idx_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """dispatch -> expert_ffn -> combine: out [T, H] in x's dtype."""
+        token_N, slot_N, counts_E = torch.ops.moec.dispatch(idx_TK, self.num_experts)
+        w_in, w_out, b_in, b_out = self.ffn.fetch()
+        y_NH = torch.ops.moec.expert_ffn(x_TH, token_N, counts_E, w_in, w_out, b_in, b_out, *self.ffn.attrs())
+        return torch.ops.moec.combine(y_NH, slot_N, weights_TK).to(x_TH.dtype)
+
+
+def shared_expert(ffn: FFNSpec, x: Tensor) -> Tensor:
+    w_in, w_out, b_in, b_out = ffn.fetch()
+    return torch.ops.moec.shared_expert(x, w_in, w_out, b_in, b_out, *ffn.attrs())

@@ -1,0 +1,518 @@
+"""Canonical MoE ops in the ``moec::`` namespace.
+
+Contract: every op is a ``torch.library.custom_op`` whose body is the plain-PyTorch reference
+(the oracle, and the default CPU lowering), with a fake implementation for tracing under
+symbolic token counts and an autograd formula whose backward is itself a ``moec::*_backward``
+op, so captured forward and backward graphs both show canonical ops.
+
+A layer is ``route -> dispatch -> expert_ffn -> combine`` (plus ``shared_expert``):
+
+- ``route(logits_TE)`` picks ``idx_TK`` and computes ``weights_TK`` (float32). An index of -1
+  marks a slot dropped by an expert-capacity limit; nothing else is ever dropped.
+- ``dispatch(idx_TK)`` groups the T*K slots by expert: ``token_N`` (the token of each slot, in
+  expert order), ``slot_N`` (its flat t*K+k position) and ``counts_E``. Dropped slots sort last
+  and are in no expert's count.
+- ``expert_ffn(x_TH, token_N, counts_E, w_in, w_out, ...)`` gathers the tokens and runs each
+  expert's FFN on its rows: ``y_NH``, zero for dropped slots.
+- ``combine(y_NH, slot_N, weights_TK)`` is the weighted sum back into token order: ``out_TH``.
+- ``shared_expert(x_TH, w_in, w_out, ...)`` is a dense FFN applied to every token.
+
+Legend: T tokens (any leading dims flattened), H hidden, E experts, K top-k, I expert hidden,
+F = 2I for gated activations else I, N = T*K routed slots.
+
+Weight layouts: ``transposed=False`` stores nn.Linear-style ``w_in [E, F, H]``,
+``w_out [E, H, I]`` (Mixtral, Qwen, DeepSeek); ``transposed=True`` stores ``w_in [E, H, F]``,
+``w_out [E, I, H]`` (GPT-OSS). Gated ``w_in`` holds gate then up (``interleaved=False``) or
+alternates gate/up columns (``interleaved=True``). ``shared_expert`` takes the same layouts
+without the leading E.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ROUTER_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_bias_grouped_topk", "top1")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "clamped_swiglu")
+UNGATED_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = GATED_ACTIVATIONS + UNGATED_ACTIVATIONS
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"moec: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference semantics (differentiable plain PyTorch; the op bodies and backward formulas use them)
+# ----------------------------------------------------------------------------------------------
+
+
+def _group_mask(choice_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
+    """Keep the ``topk_groups`` groups whose two best scores sum highest (DeepSeek-V3)."""
+    T, E = choice_TE.shape[:-1], choice_TE.shape[-1]
+    grouped = choice_TE.reshape(*T, num_groups, E // num_groups)
+    group_score = grouped.topk(min(2, E // num_groups), dim=-1).values.sum(dim=-1)
+    keep_group = torch.zeros_like(group_score, dtype=torch.bool)
+    keep_group.scatter_(-1, group_score.topk(topk_groups, dim=-1).indices, True)
+    keep = keep_group.unsqueeze(-1).expand_as(grouped).reshape(choice_TE.shape)
+    return choice_TE.masked_fill(~keep, float("-inf"))
+
+
+def route_reference(
+    logits_TE: Tensor,
+    correction_bias_E: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+    capacity: int,
+) -> tuple[Tensor, Tensor]:
+    _check(kind in ROUTER_KINDS, f"unknown router kind {kind!r}; expected one of {ROUTER_KINDS}")
+    E = logits_TE.shape[-1]
+    _check(1 <= top_k <= E, f"top_k={top_k} must be between 1 and the {E} experts")
+    logits_f = logits_TE.float()
+    if kind == "topk_softmax":
+        top_v_TK, idx_TK = logits_f.topk(top_k, dim=-1)
+        weights_TK = top_v_TK.softmax(dim=-1)
+    elif kind in ("softmax_topk", "top1"):
+        weights_TK, idx_TK = logits_f.softmax(dim=-1).topk(top_k, dim=-1)
+    else:
+        scores_TE = logits_f.sigmoid()
+        choice_TE = scores_TE.detach()
+        if correction_bias_E is not None:
+            choice_TE = choice_TE + correction_bias_E.float()
+        if num_groups > 1:
+            _check(E % num_groups == 0, f"{E} experts do not split into {num_groups} groups")
+            choice_TE = _group_mask(choice_TE, num_groups, topk_groups)
+        idx_TK = choice_TE.topk(top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(-1, idx_TK)
+    if renormalize:
+        # The epsilon is below one ulp of any sum of probabilities, so it only guards 0/0.
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    if scaling != 1.0:
+        weights_TK = weights_TK * scaling
+    if capacity > 0:
+        # Priority is arrival order along the token dim (-2), as in Switch Transformers.
+        onehot_TKE = F.one_hot(idx_TK, E)
+        seen_TKE = onehot_TKE.flatten(-3, -2).cumsum(dim=-2).reshape(onehot_TKE.shape)
+        position_TK = (seen_TKE * onehot_TKE).sum(dim=-1)
+        idx_TK = torch.where(position_TK <= capacity, idx_TK, torch.full_like(idx_TK, -1))
+    return weights_TK, idx_TK
+
+
+def _apply_activation(h_MF: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> Tensor:
+    if activation in UNGATED_ACTIVATIONS:
+        if activation == "relu":
+            return F.relu(h_MF)
+        if activation == "silu":
+            return F.silu(h_MF)
+        return F.gelu(h_MF, approximate="tanh" if activation == "gelu_tanh" else "none")
+    _check(activation in GATED_ACTIVATIONS, f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if interleaved:
+        gate_MI, up_MI = h_MF[..., ::2], h_MF[..., 1::2]
+    else:
+        gate_MI, up_MI = h_MF.chunk(2, dim=-1)
+    if activation == "swiglu":
+        return F.silu(gate_MI) * up_MI
+    if activation == "clamped_swiglu":
+        gate_MI = gate_MI.clamp(max=limit)
+        up_MI = up_MI.clamp(min=-limit, max=limit)
+        return (up_MI + 1) * (gate_MI * torch.sigmoid(gate_MI * alpha))
+    return F.gelu(gate_MI, approximate="tanh" if activation == "geglu_tanh" else "none") * up_MI
+
+
+def ffn_reference(
+    x_MH: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Optional[Tensor],
+    b_out: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """One expert's FFN on its rows (weights without the expert dim)."""
+    h_MF = x_MH @ w_in if transposed else F.linear(x_MH, w_in)
+    if b_in is not None:
+        h_MF = h_MF + b_in
+    a_MI = _apply_activation(h_MF, activation, interleaved, alpha, limit)
+    y_MH = a_MI @ w_out if transposed else F.linear(a_MI, w_out)
+    if b_out is not None:
+        y_MH = y_MH + b_out
+    return y_MH
+
+
+def expert_ffn_reference(
+    x_TH: Tensor,
+    token_N: Tensor,
+    counts_E: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Optional[Tensor],
+    b_out: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    H = x_TH.shape[-1]
+    x_TH = x_TH.reshape(-1, H)
+    rows = []
+    start = 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count == 0:
+            continue
+        x_MH = x_TH[token_N[start : start + count]]
+        rows.append(
+            ffn_reference(
+                x_MH,
+                w_in[e],
+                w_out[e],
+                None if b_in is None else b_in[e],
+                None if b_out is None else b_out[e],
+                activation,
+                transposed,
+                interleaved,
+                alpha,
+                limit,
+            ).to(x_TH.dtype)
+        )
+        start += count
+    dropped = token_N.shape[0] - start
+    rows.append(x_TH.new_zeros(dropped, H))
+    return torch.cat(rows)
+
+
+def combine_reference(y_NH: Tensor, slot_N: Tensor, weights_TK: Tensor) -> Tensor:
+    K = weights_TK.shape[-1]
+    weights_N = weights_TK.reshape(-1)[slot_N]
+    contrib_NH = (y_NH * weights_N.unsqueeze(-1)).to(y_NH.dtype)
+    out_TH = y_NH.new_zeros(weights_TK.reshape(-1, K).shape[0], y_NH.shape[-1])
+    return out_TH.index_add(0, torch.div(slot_N, K, rounding_mode="floor"), contrib_NH)
+
+
+def _grads(fn, grad_out: Tensor, inputs: list[Optional[Tensor]]) -> list[Tensor]:
+    """Gradients of ``fn(*inputs)`` for every floating input; an empty tensor for the others.
+
+    Op bodies run below the autograd dispatch key, so ``torch.autograd`` is unavailable here;
+    ``torch.func.vjp`` differentiates the reference regardless.
+    """
+    diff_pos = [i for i, t in enumerate(inputs) if t is not None and t.is_floating_point()]
+
+    def of_diff(*diff):
+        args = list(inputs)
+        for i, t in zip(diff_pos, diff):
+            args[i] = t
+        return fn(*args)
+
+    _, vjp_fn = torch.func.vjp(of_diff, *(inputs[i] for i in diff_pos))
+    got = dict(zip(diff_pos, vjp_fn(grad_out)))
+    return [got[i] if i in got else grad_out.new_empty(0) for i in range(len(inputs))]
+
+
+# ----------------------------------------------------------------------------------------------
+# route
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec::route", mutates_args=())
+def route(
+    logits: Tensor,
+    correction_bias: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+    capacity: int,
+) -> tuple[Tensor, Tensor]:
+    """Top-k expert choice: (weights [..., K] float32, idx [..., K] int64, -1 where dropped)."""
+    weights, idx = route_reference(
+        logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, capacity
+    )
+    return weights.contiguous(), idx.contiguous()
+
+
+@route.register_fake
+def _(logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, capacity):
+    shape = (*logits.shape[:-1], top_k)
+    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("moec::route_backward", mutates_args=())
+def route_backward(
+    grad_weights: Tensor,
+    logits: Tensor,
+    correction_bias: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> Tensor:
+    """Gradient of ``route``'s weights with respect to the logits (the choice is piecewise constant)."""
+
+    def weights_of(logits_):
+        return route_reference(logits_, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, 0)[0]
+
+    return _grads(weights_of, grad_weights, [logits])[0]
+
+
+@route_backward.register_fake
+def _(grad_weights, logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling):
+    return torch.empty_like(logits)
+
+
+def _route_setup(ctx, inputs, output):
+    logits, correction_bias, *attrs = inputs
+    ctx.save_for_backward(logits, correction_bias)
+    ctx.attrs = attrs[:-1]  # capacity changes which slots are dropped, not the weights
+
+
+def _route_bwd(ctx, grad_weights, grad_idx):
+    logits, correction_bias = ctx.saved_tensors
+    grad_logits = torch.ops.moec.route_backward(grad_weights, logits, correction_bias, *ctx.attrs)
+    return grad_logits, None, None, None, None, None, None, None, None
+
+
+route.register_autograd(_route_bwd, setup_context=_route_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec::dispatch", mutates_args=())
+def dispatch(idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group routed slots by expert: (token_N, slot_N, counts_E)."""
+    K = idx.shape[-1]
+    idx_N = idx.reshape(-1)
+    _check(
+        idx_N.numel() == 0 or int(idx_N.max()) < num_experts,
+        f"routing chose expert {int(idx_N.max()) if idx_N.numel() else -1} but the layer has {num_experts}",
+    )
+    key_N = torch.where(idx_N < 0, num_experts, idx_N)
+    slot_N = torch.sort(key_N, stable=True).indices
+    token_N = torch.div(slot_N, K, rounding_mode="floor")
+    counts_E = torch.bincount(key_N, minlength=num_experts + 1)[:num_experts].contiguous()
+    return token_N, slot_N, counts_E
+
+
+@dispatch.register_fake
+def _(idx, num_experts):
+    n = idx.numel()
+    return idx.new_empty(n), idx.new_empty(n), idx.new_empty(num_experts)
+
+
+# ----------------------------------------------------------------------------------------------
+# expert_ffn
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec::expert_ffn", mutates_args=())
+def expert_ffn(
+    x: Tensor,
+    token_idx: Tensor,
+    counts: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Optional[Tensor],
+    b_out: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """Every expert's FFN on its dispatched rows: y [N, H] in expert order."""
+    return expert_ffn_reference(
+        x, token_idx, counts, w_in, w_out, b_in, b_out, activation, transposed, interleaved, alpha, limit
+    )
+
+
+@expert_ffn.register_fake
+def _(x, token_idx, counts, w_in, w_out, b_in, b_out, activation, transposed, interleaved, alpha, limit):
+    return x.new_empty(token_idx.shape[0], x.shape[-1])
+
+
+@torch.library.custom_op("moec::expert_ffn_backward", mutates_args=())
+def expert_ffn_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    token_idx: Tensor,
+    counts: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Optional[Tensor],
+    b_out: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (x, w_in, w_out, b_in, b_out); an empty tensor for an absent bias."""
+
+    def y_of(x_, w_in_, w_out_, b_in_, b_out_):
+        return expert_ffn_reference(
+            x_, token_idx, counts, w_in_, w_out_, b_in_, b_out_, activation, transposed, interleaved, alpha, limit
+        )
+
+    return tuple(_grads(y_of, grad_y, [x, w_in, w_out, b_in, b_out]))
+
+
+@expert_ffn_backward.register_fake
+def _(grad_y, x, token_idx, counts, w_in, w_out, b_in, b_out, activation, transposed, interleaved, alpha, limit):
+    def like(t):
+        return grad_y.new_empty(0) if t is None else torch.empty_like(t)
+
+    return like(x), like(w_in), like(w_out), like(b_in), like(b_out)
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, token_idx, counts, w_in, w_out, b_in, b_out, *attrs = inputs
+    ctx.save_for_backward(x, token_idx, counts, w_in, w_out, b_in, b_out)
+    ctx.attrs = attrs
+
+
+def _ffn_bwd(ctx, grad_y):
+    x, token_idx, counts, w_in, w_out, b_in, b_out = ctx.saved_tensors
+    gx, gw_in, gw_out, gb_in, gb_out = torch.ops.moec.expert_ffn_backward(
+        grad_y, x, token_idx, counts, w_in, w_out, b_in, b_out, *ctx.attrs
+    )
+    return (gx, None, None, gw_in, gw_out, gb_in if b_in is not None else None,
+            gb_out if b_out is not None else None, None, None, None, None, None)
+
+
+expert_ffn.register_autograd(_ffn_bwd, setup_context=_ffn_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# combine
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec::combine", mutates_args=())
+def combine(y: Tensor, slot_idx: Tensor, weights: Tensor) -> Tensor:
+    """Weighted sum of each token's K expert outputs: out [T, H] in y's dtype."""
+    return combine_reference(y, slot_idx, weights)
+
+
+@combine.register_fake
+def _(y, slot_idx, weights):
+    return y.new_empty(weights.numel() // weights.shape[-1], y.shape[-1])
+
+
+@torch.library.custom_op("moec::combine_backward", mutates_args=())
+def combine_backward(grad_out: Tensor, y: Tensor, slot_idx: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients for (y, weights)."""
+    gy, _, gw = _grads(lambda y_, s_, w_: combine_reference(y_, s_, w_), grad_out, [y, slot_idx, weights])
+    return gy, gw
+
+
+@combine_backward.register_fake
+def _(grad_out, y, slot_idx, weights):
+    return torch.empty_like(y), torch.empty_like(weights)
+
+
+def _combine_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _combine_bwd(ctx, grad_out):
+    y, slot_idx, weights = ctx.saved_tensors
+    gy, gw = torch.ops.moec.combine_backward(grad_out, y, slot_idx, weights)
+    return gy, None, gw
+
+
+combine.register_autograd(_combine_bwd, setup_context=_combine_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared_expert
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec::shared_expert", mutates_args=())
+def shared_expert(
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Optional[Tensor],
+    b_out: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """A dense FFN applied to every token (the layer's always-on expert)."""
+    return ffn_reference(x, w_in, w_out, b_in, b_out, activation, transposed, interleaved, alpha, limit).to(x.dtype)
+
+
+@shared_expert.register_fake
+def _(x, w_in, w_out, b_in, b_out, activation, transposed, interleaved, alpha, limit):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moec::shared_expert_backward", mutates_args=())
+def shared_expert_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Optional[Tensor],
+    b_out: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (x, w_in, w_out, b_in, b_out); an empty tensor for an absent bias."""
+
+    def y_of(x_, w_in_, w_out_, b_in_, b_out_):
+        return ffn_reference(x_, w_in_, w_out_, b_in_, b_out_, activation, transposed, interleaved, alpha, limit)
+
+    return tuple(_grads(y_of, grad_y, [x, w_in, w_out, b_in, b_out]))
+
+
+@shared_expert_backward.register_fake
+def _(grad_y, x, w_in, w_out, b_in, b_out, activation, transposed, interleaved, alpha, limit):
+    def like(t):
+        return grad_y.new_empty(0) if t is None else torch.empty_like(t)
+
+    return like(x), like(w_in), like(w_out), like(b_in), like(b_out)
+
+
+def _shared_setup(ctx, inputs, output):
+    x, w_in, w_out, b_in, b_out, *attrs = inputs
+    ctx.save_for_backward(x, w_in, w_out, b_in, b_out)
+    ctx.attrs = attrs
+
+
+def _shared_bwd(ctx, grad_y):
+    x, w_in, w_out, b_in, b_out = ctx.saved_tensors
+    gx, gw_in, gw_out, gb_in, gb_out = torch.ops.moec.shared_expert_backward(
+        grad_y, x, w_in, w_out, b_in, b_out, *ctx.attrs
+    )
+    return (gx, gw_in, gw_out, gb_in if b_in is not None else None,
+            gb_out if b_out is not None else None, None, None, None, None, None)
+
+
+shared_expert.register_autograd(_shared_bwd, setup_context=_shared_setup)
+
+FORWARD_OPS = ("route", "dispatch", "expert_ffn", "combine", "shared_expert")
+BACKWARD_OPS = ("route_backward", "expert_ffn_backward", "combine_backward", "shared_expert_backward")
