@@ -60,10 +60,16 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
         traced(*args, **kwargs)
     breaks = {k: v - before.get(k, 0) for k, v in counters["graph_break"].items() if v - before.get(k, 0) > 0}
     fallbacks = list(result.fallbacks)
-    fallbacks += [Fallback("graph break", f"{reason} (x{n})") for reason, n in breaks.items()]
+    fallbacks += [Fallback("graph break", f"{reason.splitlines()[0]} (x{n})") for reason, n in breaks.items()]
+    if len(graphs) > 1 and not breaks:
+        # Dynamo also splits a call without a counted break when it gives up on a frame (an
+        # exception while tracing) or recompiles a frame for a second guard set.
+        fallbacks.append(Fallback("dynamo", f"the call was captured as {len(graphs)} graphs (frames skipped or "
+                                            "recompiled by dynamo; see TORCH_LOGS=graph_breaks,recompiles)"))
     return Report(
         moe_layers=list(result.layers),
         graph_breaks=sum(breaks.values()),
+        num_graphs=len(graphs),
         fallbacks=fallbacks,
         graphs=graphs,
     )

@@ -53,6 +53,7 @@ class Fallback:
 class Report:
     moe_layers: list[MoELayer] = dataclasses.field(default_factory=list)
     graph_breaks: int = 0
+    num_graphs: int = 0
     fallbacks: list[Fallback] = dataclasses.field(default_factory=list)
     graphs: list[str] = dataclasses.field(default_factory=list)
 
@@ -60,6 +61,7 @@ class Report:
         return {
             "moe_layers": [dataclasses.asdict(layer) for layer in self.moe_layers],
             "graph_breaks": self.graph_breaks,
+            "num_graphs": self.num_graphs,
             "fallbacks": [dataclasses.asdict(f) for f in self.fallbacks],
             "graphs": list(self.graphs),
         }
@@ -76,7 +78,9 @@ class Report:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-        lines.append(f"{len(self.moe_layers)} MoE layer(s), {self.graph_breaks} graph break(s)")
+        lines.append(
+            f"{len(self.moe_layers)} MoE layer(s), {self.graph_breaks} graph break(s), {self.num_graphs} graph(s)"
+        )
         for f in self.fallbacks:
             lines.append(f"left alone: {f.location}: {f.reason}")
         return "\n".join(lines)
