@@ -1,0 +1,129 @@
+"""The ``moec`` command: ``moec inspect [SPEC]`` and ``moec bench [SPEC]``.
+
+Contract: ``main(argv)`` returns the exit status, it does not exit:
+
+- 0 on success;
+- 2 for an error the user can fix (a bad model spec, a model with no MoE layer, a bad option
+  value), reported as ONE line ``moec: <message>`` on stderr with no traceback (argparse's own
+  errors, such as an unknown flag, print its usage line too);
+- 1 when ``moec bench`` finds that moec's output differs from eager;
+- 141 when the reader of stdout goes away (``moec inspect --graph | head``).
+
+Internal errors are not caught: their traceback is the bug report.
+``moec inspect --json`` writes nothing but one JSON document to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from moec.cli import bench
+from moec.models.spec import FORMS, SpecError
+
+SPEC_HELP = f"the model: {FORMS} (default: builtin:%s)"
+
+
+def _default_builtin() -> str:
+    try:
+        from moec.models.builtin import DEFAULT_BUILTIN
+    except ImportError:
+        return "?"
+    return DEFAULT_BUILTIN
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default = _default_builtin()
+    parser = argparse.ArgumentParser(
+        prog="moec",
+        description="moec: a compiler for Mixture-of-Experts models on PyTorch.",
+        epilog="Model specs: builtin:NAME (embedded models), hf:ARCH[:key=value,...] (small random "
+               "transformers models; experts=eager|grouped_mm|batched_mm picks the experts "
+               "implementation), path/to/file.py:factory (factory() returns a model, "
+               "(model, example_input) or (model, tuple_of_args)).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="report the MoE layers moec finds in a model",
+                       description="Capture the model with moec and report its MoE layers, graph breaks "
+                                   "and what was left alone. Exits 2 if no MoE layer is found.")
+    p.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP % default)
+    p.add_argument("--json", action="store_true", help="print the report as JSON (and nothing else) on stdout")
+    p.add_argument("--graph", action="store_true", help="also print the captured FX graphs with their moec ops")
+
+    b = sub.add_parser("bench", help="time eager, Inductor and moec on a model in one process",
+                       description="Time the model eagerly, under torch.compile(backend='inductor') and "
+                                   "under moec.compile, each warmed up, and check moec's output against eager. "
+                                   "Prints a table and writes the numbers and the machine to a JSON file. "
+                                   "Exits 1 if moec's output differs from eager.")
+    b.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP % default)
+    b.add_argument("--tokens", type=int, nargs="+", default=list(bench.DEFAULT_TOKENS), metavar="N",
+                   help="token counts (sequence lengths at batch 1) to time (default: %(default)s)")
+    b.add_argument("--repeat", type=int, default=bench.DEFAULT_REPEAT, metavar="R",
+                   help="timed runs per backend and token count; the median is reported (default: %(default)s)")
+    b.add_argument("--warmup", type=int, default=bench.DEFAULT_WARMUP, metavar="W",
+                   help="untimed runs after the first (compiling) call (default: %(default)s)")
+    b.add_argument("--train", action="store_true",
+                   help="time forward + backward instead of forward only (model kept in eval mode)")
+    b.add_argument("--out", metavar="FILE", help="JSON output file (default: moec-bench-<name>.json in the current directory)")
+    b.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda (default: %(default)s)")
+    b.add_argument("--dtype", choices=sorted(bench.DTYPES), help="cast the model and float inputs (default: as loaded)")
+    b.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="the backend moec hands the rewritten graph to (default: %(default)s)")
+    b.add_argument("--backends", default=",".join(bench.BACKENDS),
+                   help="comma-separated subset of eager,inductor,moec to run; eager is the reference (default: %(default)s)")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own usage error (already printed)
+        return e.code if isinstance(e.code, int) else 2
+    if opts.spec is None:
+        opts.spec = f"builtin:{_default_builtin()}"
+    try:
+        if opts.command == "inspect":
+            return inspect_main(opts)
+        return bench.bench_main(opts)
+    except (SpecError, bench.BenchError) as e:
+        return _fail(str(e))
+    except BrokenPipeError:
+        # `moec inspect --graph | head`: the reader left; stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def inspect_main(opts) -> int:
+    import moec
+    from moec.models.spec import load_spec
+
+    # With --json stdout must hold only the JSON document, so chatter from model code goes to stderr.
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if opts.json else contextlib.nullcontext()
+    with quiet_stdout:
+        model, args, _ = load_spec(opts.spec)
+        report = moec.inspect(model, *args)
+    if not report.moe_layers:
+        why = "; ".join(f"{f.location}: {f.reason}" for f in report.fallbacks)
+        return _fail(f"no MoE layer found in {opts.spec}" + (f" (left alone: {why})" if why else
+                     " (it has no layer moec recognises; `moec inspect --help` lists the spec forms)"))
+    if opts.json:
+        print(report.to_json())
+        return 0
+    print(report.table())
+    if opts.graph:
+        for i, graph in enumerate(report.graphs):
+            print(f"\n--- graph {i} ---\n{graph}")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"moec: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The moec command: user mistakes end in one stderr line and exit 2; reports and benchmarks print
+what they promise. Run both as a subprocess (the real stdout/stderr and exit status) and in-process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import moec
+from moec.cli.main import main
+from moec.report import Fallback, MoELayer, Report
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def moec_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "moec.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env, timeout=600)
+
+
+def assert_user_error(rc: int, stderr: str, *needles: str) -> None:
+    assert rc == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moec: "), stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def write(tmp_path, body: str) -> str:
+    path = tmp_path / "factory.py"
+    path.write_text("import torch\nfrom torch import nn\n" + textwrap.dedent(body))
+    return str(path)
+
+
+# --- user errors -----------------------------------------------------------------------------
+
+def test_unknown_scheme_subprocess():
+    result = moec_cli("inspect", "nope:x")
+    assert_user_error(result.returncode, result.stderr, "nope:x", "builtin:NAME")
+    assert result.stdout == ""
+
+
+def test_unknown_scheme_in_process(capsys):
+    rc = main(["inspect", "nope:x"])
+    out, err = capsys.readouterr()
+    assert_user_error(rc, err, "nope:x")
+    assert out == ""
+
+
+def test_missing_file(capsys, tmp_path):
+    rc = main(["inspect", f"{tmp_path}/absent.py:make"])
+    assert_user_error(rc, capsys.readouterr().err, "absent.py")
+
+
+def test_factory_that_raises(capsys, tmp_path):
+    path = write(tmp_path, """
+        def make():
+            raise ValueError("no experts today")
+    """)
+    rc = main(["inspect", f"{path}:make"])
+    assert_user_error(rc, capsys.readouterr().err, "ValueError: no experts today")
+
+
+def test_bench_bad_tokens(capsys, tmp_path):
+    path = write(tmp_path, """
+        def make():
+            return nn.Linear(4, 4)
+    """)
+    rc = main(["bench", f"{path}:make", "--tokens", "0", "--out", str(tmp_path / "b.json")])
+    assert_user_error(rc, capsys.readouterr().err, "--tokens")
+
+
+def test_model_without_moe_layer_subprocess(tmp_path):
+    path = write(tmp_path, """
+        def make():
+            return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    """)
+    result = moec_cli("inspect", f"{path}:make")
+    assert_user_error(result.returncode, result.stderr, "no MoE layer found", f"{path}:make")
+
+
+# --- help ------------------------------------------------------------------------------------
+
+def test_help_subprocess():
+    result = moec_cli("inspect", "--help")
+    assert result.returncode == 0
+    assert "SPEC" in result.stdout and "hf:ARCH" in result.stdout and "--json" in result.stdout
+
+
+def test_help_in_process(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "inspect" in out and "bench" in out
+
+
+# --- inspect output, on a stand-in report (the CLI's own logic, whatever capture finds) --------
+
+FAKE = Report(
+    moe_layers=[MoELayer(name="layers.0.moe", num_experts=4, top_k=2, hidden_size=16, expert_hidden_size=32,
+                         router="softmax_topk", num_shared_experts=0, activation="swiglu")],
+    fallbacks=[Fallback(location="layers.1.moe", reason="data-dependent loop")],
+    graphs=["graph():\n    %moe = call_function[target=moec.moe_ffn](...)"],
+)
+
+
+@pytest.fixture
+def fake_inspect(monkeypatch):
+    fake = SimpleNamespace(calls=[], report=FAKE)
+
+    def inspect(model, *args, **kwargs):
+        fake.calls.append((model, args))
+        return fake.report
+
+    # Through the module dict: getattr would import moec.api for the old value.
+    monkeypatch.setitem(vars(moec), "inspect", inspect)
+    return fake
+
+
+@pytest.fixture
+def linear_spec(tmp_path):
+    return write(tmp_path, """
+        def make():
+            return nn.Linear(16, 16)
+    """) + ":make"
+
+
+def test_inspect_table_and_graph(capsys, fake_inspect, linear_spec):
+    assert main(["inspect", linear_spec, "--graph"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.moe" in out and "softmax_topk" in out and "data-dependent loop" in out
+    assert "moec.moe_ffn" in out
+    (model, args), = fake_inspect.calls
+    assert args[0].shape == (1, 16, 16)
+
+
+def test_inspect_json_is_only_json(capsys, fake_inspect, linear_spec):
+    assert main(["inspect", linear_spec, "--json"]) == 0
+    out, _ = capsys.readouterr()
+    assert json.loads(out) == FAKE.to_dict()
+
+
+def test_inspect_no_moe_names_fallbacks(capsys, fake_inspect, linear_spec):
+    fake_inspect.report = Report(fallbacks=[Fallback(location="blocks.0", reason="unknown router")])
+    rc = main(["inspect", linear_spec, "--json"])
+    out, err = capsys.readouterr()
+    assert_user_error(rc, err, "no MoE layer found", "blocks.0: unknown router")
+    assert out == ""
+
+
+# --- the real thing --------------------------------------------------------------------------
+
+def test_inspect_default_builtin(capsys):
+    assert main(["inspect"]) == 0
+    assert "MoE layer(s)" in capsys.readouterr().out
+
+
+def test_inspect_hf_mixtral_json():
+    from moec.models.hf import expected_moe_layers, make_hf_model
+
+    model = make_hf_model("mixtral")[0]
+    config = model.config
+    result = moec_cli("inspect", "hf:mixtral", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    layers = report["moe_layers"]
+    assert len(layers) == config.num_hidden_layers
+    assert len({layer["name"] for layer in layers}) == len(layers)
+    for layer in layers:
+        assert layer["num_experts"] == config.num_local_experts
+        assert layer["top_k"] == config.num_experts_per_tok
+        assert layer["router"] == "softmax_topk"
+    found = sorted((layer["name"], layer["num_experts"], layer["top_k"]) for layer in layers)
+    assert found == sorted(expected_moe_layers(model))
+
+
+def test_bench_writes_json(tmp_path, capsys):
+    out_file = tmp_path / "bench.json"
+    rc = main(["bench", "--tokens", "4", "--repeat", "2", "--warmup", "0", "--out", str(out_file), "--quiet"])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert str(out_file) in stdout and "x best baseline" in stdout
+    doc = json.loads(out_file.read_text())
+    assert {"platform", "processor", "cpu_count", "torch", "torch_threads", "device", "device_name"} <= set(doc["machine"])
+    rows = doc["results"]
+    assert [(r["backend"], r["tokens"]) for r in rows] == [("eager", 4), ("inductor", 4), ("moec", 4)]
+    for r in rows:
+        assert len(r["times_ms"]) == 2 and r["median_ms"] > 0 and r["speedup_vs_eager"] > 0
+    moec_row = rows[-1]
+    assert moec_row["ok"] and moec_row["compile_s"] >= 0 and moec_row["rel_err"] <= 1e-4
