@@ -254,6 +254,19 @@ def recognise_router(module: nn.Module, num_experts: int, hidden: int) -> Union[
             verified[rank] = results[0]
     if not verified:
         return first_reason or "router behaves differently at different token counts"
+    some = next(iter(verified.values()))
+    if "onehot" in some[1]:
+        # Capacity only shows once an expert overflows: probe with enough tokens for the largest
+        # candidate capacity, and take the capacity from that probe (small probes cannot tell).
+        cap_max = max([i for i in ints if 0 < i <= 4096] or [1])
+        big = _router_plan(module, _probe_x((min(8192, 2 * num_experts * cap_max + 1), hidden), weight, 9),
+                           weight, vectors, ints)
+        if isinstance(big, str):
+            return f"router on {2 * num_experts * cap_max + 1} tokens: {big}"
+        for rank, r in verified.items():
+            if r[0][:5] != big[0][:5]:
+                return "router's capacity behaviour matches no candidate"
+            verified[rank] = (big[0],) + tuple(r[1:])
     plans = {(r[0], tuple(r[1])) for r in verified.values()}
     if len(plans) != 1:
         return "router behaves differently for 2-D and 3-D inputs"

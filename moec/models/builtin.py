@@ -244,7 +244,7 @@ def _init_weights(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def _make(moe_cls: type[nn.Module], *, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K,
-          seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
+          seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
     generator = torch.Generator().manual_seed(seed)
@@ -257,7 +257,7 @@ def _make(moe_cls: type[nn.Module], *, num_experts: int = NUM_EXPERTS, top_k: in
     return model.eval(), (x_BSH,)
 
 
-BUILTIN_MODELS: dict[str, Callable[..., tuple[nn.Module, tuple[torch.Tensor]]]] = {
+BUILTIN_MODELS: dict[str, Callable[..., tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
     "moe-mlp": functools.partial(_make, LoopMoE),
     "stacked-bmm": functools.partial(_make, StackedBmmMoE),
     "sort-split": functools.partial(_make, SortSplitMoE),

@@ -276,8 +276,9 @@ def _arch(name: str) -> _Arch:
 
 def make_hf_model(
     arch: str, overrides: dict[str, Any] | None = None, experts_implementation: str = "eager"
-) -> tuple[nn.Module, tuple[torch.Tensor]]:
-    """Build a seeded random ``arch`` model (eval mode) and its example ``(input_ids_BS,)``."""
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Build a seeded random ``arch`` model (eval mode) and its example args ``(input_ids_BS,)``
+    (Switch: ``(input_ids_BS, attention_mask_BS)``)."""
     spec = _arch(arch)
     config = spec.config(**(overrides or {}))
     model_cls = spec.model_cls()
