@@ -1,0 +1,435 @@
+"""Lowered MoE ops: the grouped-GEMM form the passes rewrite a captured layer into.
+
+Contract: like the canonical ops (``moec.ir.ops``), every op here is a ``moec::`` custom op whose
+body is the plain-PyTorch reference (the oracle every implementation is tested against), with a
+fake implementation and an autograd formula whose backward is a ``moec::*_backward`` op computed
+from the reference. Implementations with the same signatures live in other namespaces
+(``moec_cpu::`` in ``moec.codegen.cpu``, ``moec_triton::`` in ``moec.codegen.triton``); the
+``select_impl`` pass swaps a node's namespace, nothing else.
+
+After the passes a layer reads::
+
+    weights_TK, idx_TK, counts_E = gate(x_TH, router_w_EH, router_b_E, correction_bias_E, ...)
+    token_N, slot_N = permute(idx_TK, counts_E)
+    a_NI = grouped_gemm_act(x_TH, token_N, counts_E, w_in, b_in, activation, ...)
+    out_TH = grouped_gemm_combine(a_NI, slot_N, counts_E, w_out, b_out, weights_TK, transposed)
+
+and before the fusion passes the FFN is ``grouped_gemm -> activation -> grouped_gemm -> combine``.
+
+Semantics shared by the grouped ops: rows are in expert order; expert ``e`` owns rows
+``offsets[e]:offsets[e+1]`` with ``offsets = [0, cumsum(counts_E)]``; rows at or past
+``sum(counts_E)`` (slots dropped by a capacity limit) are zero. ``token_N`` (optional) gathers the
+input rows from the flattened ``x``; without it row ``n`` of the input is used. ``transposed``
+selects the weight layout of ``moec.ir.ops`` (``False``: ``w [E, out, in]`` as nn.Linear;
+``True``: ``w [E, in, out]``).
+
+Legend: T tokens (leading dims flattened), H hidden, E experts, K top-k, N = T*K slots,
+F first-GEMM width (2I when gated), I expert hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moec.ir.ops import _apply_activation, _check, _grads, combine_reference, route_reference
+
+# ----------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------
+
+
+def gate_reference(
+    x: Tensor,
+    router_weight: Optional[Tensor],
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Router GEMM (when ``router_weight`` is given; else ``x`` is the logits) + ``route`` without
+    capacity + per-expert counts."""
+    logits = x if router_weight is None else F.linear(x, router_weight, router_bias)
+    weights_TK, idx_TK = route_reference(
+        logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, 0
+    )
+    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=logits.shape[-1])
+    return weights_TK, idx_TK, counts_E
+
+
+def permute_reference(idx_TK: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable grouping of the T*K slots by expert (no slot is dropped): (token_N, slot_N)."""
+    K = idx_TK.shape[-1]
+    slot_N = torch.sort(idx_TK.reshape(-1), stable=True).indices
+    return torch.div(slot_N, K, rounding_mode="floor"), slot_N
+
+
+def _rows(x: Tensor, token_N: Optional[Tensor]) -> Tensor:
+    x_MD = x.reshape(-1, x.shape[-1])
+    return x_MD if token_N is None else x_MD[token_N]
+
+
+def grouped_gemm_reference(
+    x: Tensor,
+    token_N: Optional[Tensor],
+    counts_E: Tensor,
+    w: Tensor,
+    b: Optional[Tensor],
+    transposed: bool,
+) -> Tensor:
+    x_ND = _rows(x, token_N)
+    out_dim = w.shape[-1] if transposed else w.shape[-2]
+    parts, start = [], 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count == 0:
+            continue
+        rows = x_ND[start : start + count]
+        h = rows @ w[e] if transposed else F.linear(rows, w[e])
+        if b is not None:
+            h = h + b[e]
+        parts.append(h.to(x.dtype))
+        start += count
+    parts.append(x_ND.new_zeros(x_ND.shape[0] - start, out_dim))
+    return torch.cat(parts)
+
+
+def activation_reference(h: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> Tensor:
+    return _apply_activation(h, activation, interleaved, alpha, limit).to(h.dtype)
+
+
+def grouped_gemm_act_reference(x, token_N, counts_E, w_in, b_in, activation, transposed, interleaved, alpha, limit):
+    h_NF = grouped_gemm_reference(x, token_N, counts_E, w_in, b_in, transposed)
+    return activation_reference(h_NF, activation, interleaved, alpha, limit)
+
+
+def grouped_gemm_combine_reference(a_NI, slot_N, counts_E, w_out, b_out, weights_TK, transposed):
+    y_NH = grouped_gemm_reference(a_NI, None, counts_E, w_out, b_out, transposed)
+    return combine_reference(y_NH, slot_N, weights_TK)
+
+
+def _out_rows(x: Tensor, token_N: Optional[Tensor]) -> int:
+    return token_N.shape[0] if token_N is not None else x.numel() // x.shape[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec::gate", mutates_args=())
+def gate(
+    x: Tensor,
+    router_weight: Optional[Tensor],
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused gating: (weights [..., K] float32, idx [..., K] int64, counts [E] int64)."""
+    w, i, c = gate_reference(x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups,
+                             renormalize, scaling)
+    return w.contiguous(), i.contiguous(), c
+
+
+def _gate_num_experts(x, router_weight):
+    return x.shape[-1] if router_weight is None else router_weight.shape[0]
+
+
+@gate.register_fake
+def _(x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling):
+    shape = (*x.shape[:-1], top_k)
+    return (x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64),
+            x.new_empty(_gate_num_experts(x, router_weight), dtype=torch.int64))
+
+
+@torch.library.custom_op("moec::gate_backward", mutates_args=())
+def gate_backward(
+    grad_weights: Tensor,
+    x: Tensor,
+    router_weight: Optional[Tensor],
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for (x, router_weight, router_bias); an empty tensor for an absent one."""
+
+    def weights_of(x_, w_, b_):
+        return gate_reference(x_, w_, b_, correction_bias, kind, top_k, num_groups, topk_groups, renormalize,
+                              scaling)[0]
+
+    return tuple(_grads(weights_of, grad_weights, [x, router_weight, router_bias]))
+
+
+@gate_backward.register_fake
+def _(grad_weights, x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups,
+      renormalize, scaling):
+    def like(t):
+        return grad_weights.new_empty(0) if t is None else torch.empty_like(t)
+
+    return like(x), like(router_weight), like(router_bias)
+
+
+def _gate_setup(ctx, inputs, output):
+    x, router_weight, router_bias, correction_bias, *attrs = inputs
+    ctx.save_for_backward(x, router_weight, router_bias, correction_bias)
+    ctx.attrs = attrs
+
+
+def _gate_bwd(ctx, grad_weights, grad_idx, grad_counts):
+    x, router_weight, router_bias, correction_bias = ctx.saved_tensors
+    gx, gw, gb = torch.ops.moec.gate_backward(grad_weights, x, router_weight, router_bias, correction_bias,
+                                              *ctx.attrs)
+    return (gx, gw if router_weight is not None else None, gb if router_bias is not None else None,
+            None, None, None, None, None, None, None)
+
+
+gate.register_autograd(_gate_bwd, setup_context=_gate_setup)
+
+
+@torch.library.custom_op("moec::permute", mutates_args=())
+def permute(idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Slots grouped by expert, stable in slot order: (token_N, slot_N)."""
+    return permute_reference(idx, counts)
+
+
+@permute.register_fake
+def _(idx, counts):
+    n = idx.numel()
+    return idx.new_empty(n), idx.new_empty(n)
+
+
+@torch.library.custom_op("moec::grouped_gemm", mutates_args=())
+def grouped_gemm(
+    x: Tensor, token_idx: Optional[Tensor], counts: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool
+) -> Tensor:
+    """Each expert's rows times its weight (+ bias): [rows, out]; rows past the counts are zero."""
+    return grouped_gemm_reference(x, token_idx, counts, w, b, transposed)
+
+
+@grouped_gemm.register_fake
+def _(x, token_idx, counts, w, b, transposed):
+    return x.new_empty(_out_rows(x, token_idx), w.shape[-1] if transposed else w.shape[-2])
+
+
+@torch.library.custom_op("moec::grouped_gemm_backward", mutates_args=())
+def grouped_gemm_backward(
+    grad_out: Tensor, x: Tensor, token_idx: Optional[Tensor], counts: Tensor, w: Tensor, b: Optional[Tensor],
+    transposed: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for (x, w, b); an empty tensor for an absent bias."""
+
+    def out_of(x_, w_, b_):
+        return grouped_gemm_reference(x_, token_idx, counts, w_, b_, transposed)
+
+    return tuple(_grads(out_of, grad_out, [x, w, b]))
+
+
+def _like(ref: Tensor, t: Optional[Tensor]) -> Tensor:
+    return ref.new_empty(0) if t is None else torch.empty_like(t)
+
+
+@grouped_gemm_backward.register_fake
+def _(grad_out, x, token_idx, counts, w, b, transposed):
+    return _like(grad_out, x), _like(grad_out, w), _like(grad_out, b)
+
+
+def _gg_setup(ctx, inputs, output):
+    x, token_idx, counts, w, b, transposed = inputs
+    ctx.save_for_backward(x, token_idx, counts, w, b)
+    ctx.transposed = transposed
+
+
+def _gg_bwd(ctx, grad_out):
+    x, token_idx, counts, w, b = ctx.saved_tensors
+    gx, gw, gb = torch.ops.moec.grouped_gemm_backward(grad_out, x, token_idx, counts, w, b, ctx.transposed)
+    return gx, None, None, gw, gb if b is not None else None, None
+
+
+grouped_gemm.register_autograd(_gg_bwd, setup_context=_gg_setup)
+
+
+@torch.library.custom_op("moec::activation", mutates_args=())
+def activation(h: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> Tensor:
+    """The expert activation on [rows, F]: [rows, I] (gated) or [rows, F]."""
+    return activation_reference(h, activation, interleaved, alpha, limit)
+
+
+@activation.register_fake
+def _(h, activation, interleaved, alpha, limit):
+    from moec.ir.ops import GATED_ACTIVATIONS
+
+    width = h.shape[-1] // 2 if activation in GATED_ACTIVATIONS else h.shape[-1]
+    return h.new_empty(*h.shape[:-1], width)
+
+
+@torch.library.custom_op("moec::activation_backward", mutates_args=())
+def activation_backward(grad_out: Tensor, h: Tensor, activation: str, interleaved: bool, alpha: float,
+                        limit: float) -> Tensor:
+    return _grads(lambda h_: activation_reference(h_, activation, interleaved, alpha, limit), grad_out, [h])[0]
+
+
+@activation_backward.register_fake
+def _(grad_out, h, activation, interleaved, alpha, limit):
+    return torch.empty_like(h)
+
+
+def _act_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.attrs = inputs[1:]
+
+
+def _act_bwd(ctx, grad_out):
+    (h,) = ctx.saved_tensors
+    return torch.ops.moec.activation_backward(grad_out, h, *ctx.attrs), None, None, None, None
+
+
+activation.register_autograd(_act_bwd, setup_context=_act_setup)
+
+
+@torch.library.custom_op("moec::grouped_gemm_act", mutates_args=())
+def grouped_gemm_act(
+    x: Tensor,
+    token_idx: Optional[Tensor],
+    counts: Tensor,
+    w_in: Tensor,
+    b_in: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """``activation(grouped_gemm(x, token_idx, counts, w_in, b_in))`` in one op."""
+    return grouped_gemm_act_reference(x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha,
+                                      limit)
+
+
+@grouped_gemm_act.register_fake
+def _(x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
+    from moec.ir.ops import GATED_ACTIVATIONS
+
+    width = w_in.shape[-1] if transposed else w_in.shape[-2]
+    if activation in GATED_ACTIVATIONS:
+        width = width // 2
+    return x.new_empty(_out_rows(x, token_idx), width)
+
+
+@torch.library.custom_op("moec::grouped_gemm_act_backward", mutates_args=())
+def grouped_gemm_act_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    token_idx: Optional[Tensor],
+    counts: Tensor,
+    w_in: Tensor,
+    b_in: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for (x, w_in, b_in); an empty tensor for an absent bias."""
+
+    def out_of(x_, w_, b_):
+        return grouped_gemm_act_reference(x_, token_idx, counts, w_, b_, activation, transposed, interleaved,
+                                          alpha, limit)
+
+    return tuple(_grads(out_of, grad_out, [x, w_in, b_in]))
+
+
+@grouped_gemm_act_backward.register_fake
+def _(grad_out, x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
+    return _like(grad_out, x), _like(grad_out, w_in), _like(grad_out, b_in)
+
+
+def _gga_setup(ctx, inputs, output):
+    x, token_idx, counts, w_in, b_in, *attrs = inputs
+    ctx.save_for_backward(x, token_idx, counts, w_in, b_in)
+    ctx.attrs = attrs
+
+
+def _gga_bwd(ctx, grad_out):
+    x, token_idx, counts, w_in, b_in = ctx.saved_tensors
+    gx, gw, gb = torch.ops.moec.grouped_gemm_act_backward(grad_out, x, token_idx, counts, w_in, b_in, *ctx.attrs)
+    return (gx, None, None, gw, gb if b_in is not None else None) + (None,) * 5
+
+
+grouped_gemm_act.register_autograd(_gga_bwd, setup_context=_gga_setup)
+
+
+@torch.library.custom_op("moec::grouped_gemm_combine", mutates_args=())
+def grouped_gemm_combine(
+    a: Tensor,
+    slot_idx: Tensor,
+    counts: Tensor,
+    w_out: Tensor,
+    b_out: Optional[Tensor],
+    weights: Tensor,
+    transposed: bool,
+) -> Tensor:
+    """``combine(grouped_gemm(a, None, counts, w_out, b_out), slot_idx, weights)`` in one op: [T, H]."""
+    return grouped_gemm_combine_reference(a, slot_idx, counts, w_out, b_out, weights, transposed)
+
+
+@grouped_gemm_combine.register_fake
+def _(a, slot_idx, counts, w_out, b_out, weights, transposed):
+    return a.new_empty(weights.numel() // weights.shape[-1], w_out.shape[-1] if transposed else w_out.shape[-2])
+
+
+@torch.library.custom_op("moec::grouped_gemm_combine_backward", mutates_args=())
+def grouped_gemm_combine_backward(
+    grad_out: Tensor,
+    a: Tensor,
+    slot_idx: Tensor,
+    counts: Tensor,
+    w_out: Tensor,
+    b_out: Optional[Tensor],
+    weights: Tensor,
+    transposed: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (a, w_out, b_out, weights); an empty tensor for an absent bias."""
+
+    def out_of(a_, w_, b_, weights_):
+        return grouped_gemm_combine_reference(a_, slot_idx, counts, w_, b_, weights_, transposed)
+
+    return tuple(_grads(out_of, grad_out, [a, w_out, b_out, weights]))
+
+
+@grouped_gemm_combine_backward.register_fake
+def _(grad_out, a, slot_idx, counts, w_out, b_out, weights, transposed):
+    return _like(grad_out, a), _like(grad_out, w_out), _like(grad_out, b_out), torch.empty_like(weights)
+
+
+def _ggc_setup(ctx, inputs, output):
+    a, slot_idx, counts, w_out, b_out, weights, transposed = inputs
+    ctx.save_for_backward(a, slot_idx, counts, w_out, b_out, weights)
+    ctx.transposed = transposed
+
+
+def _ggc_bwd(ctx, grad_out):
+    a, slot_idx, counts, w_out, b_out, weights = ctx.saved_tensors
+    ga, gw, gb, gweights = torch.ops.moec.grouped_gemm_combine_backward(
+        grad_out, a, slot_idx, counts, w_out, b_out, weights, ctx.transposed
+    )
+    return ga, None, None, gw, gb if b_out is not None else None, gweights, None
+
+
+grouped_gemm_combine.register_autograd(_ggc_bwd, setup_context=_ggc_setup)
+
+LOWERED_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
