@@ -12,6 +12,7 @@ Legend: T tokens, H hidden, E experts, K top-k, F first-GEMM width, I expert hid
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Callable, Optional, Union
 
@@ -233,7 +234,35 @@ def _router_plan(module: nn.Module, x: Tensor, weight: Tensor, vectors, ints):
     return "router's choice or weights match no known router kind " + str(ops.ROUTER_KINDS)
 
 
+@contextlib.contextmanager
+def _perturbed_vectors(module: nn.Module, num_experts: int):
+    """Give every floating [E] vector of the router random values while it is probed.
+
+    A freshly initialised correction bias (DeepSeek's ``e_score_correction_bias``) is all zeros,
+    so routing with and without it agree and the probes could not tell that the router adds it:
+    the layer would then be silently wrong once trained values are loaded.
+    """
+    saved = []
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for _, t in _vectors_E(module, num_experts):
+            if t.is_floating_point():
+                saved.append((t, t.detach().clone()))
+                t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(0.5).to(t.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, old in saved:
+                t.copy_(old)
+
+
 def recognise_router(module: nn.Module, num_experts: int, hidden: int) -> Union[RouterRecognition, Declined]:
+    with _perturbed_vectors(module, num_experts):
+        return _recognise_router(module, num_experts, hidden)
+
+
+def _recognise_router(module: nn.Module, num_experts: int, hidden: int) -> Union[RouterRecognition, Declined]:
     found = router_weight(module, num_experts, hidden)
     if found is None:
         return f"no single [{num_experts}, {hidden}] router weight"
