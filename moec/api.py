@@ -3,6 +3,7 @@
 Contract:
 - ``compile(model, **options)`` is ``torch.compile(model, backend=moec_backend, ...)`` after
   converting the model's MoE layers; options: ``inner`` ("inductor", "aot_eager", "eager"),
+  ``target`` ("auto", "cpu", "triton", "reference"; see ``moec.backend``), ``disable`` (pass names),
   ``dynamic`` and ``fullgraph`` (passed to torch.compile).
 - ``inspect(model, *args, **kwargs)`` converts, traces the call once with dynamo (no lowering,
   the model's outputs are not used) and returns a ``Report``: the MoE layers found, the graph
@@ -16,12 +17,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moec.backend import INNER_COMPILERS, moec_backend
+from moec.backend import INNER_COMPILERS, TARGETS, moec_backend
+from moec.passes.pipeline import PASS_NAMES
 from moec.capture import convert_model
 from moec.capture.hook import active
 from moec.report import Fallback, Report
 
-_COMPILE_OPTIONS = ("inner", "dynamic", "fullgraph")
+_COMPILE_OPTIONS = ("inner", "target", "disable", "dynamic", "fullgraph")
 
 
 def compile(model: nn.Module, **options: Any):
@@ -31,12 +33,18 @@ def compile(model: nn.Module, **options: Any):
     inner = options.get("inner", "inductor")
     if inner not in INNER_COMPILERS:
         raise ValueError(f"moec.compile: unknown inner compiler {inner!r}; expected one of {INNER_COMPILERS}")
+    if options.get("target", "auto") not in TARGETS:
+        raise ValueError(f"moec.compile: unknown target {options['target']!r}; expected one of {TARGETS}")
+    unknown_passes = sorted(set(options.get("disable", ())) - set(PASS_NAMES))
+    if unknown_passes:
+        raise ValueError(f"moec.compile: unknown passes {unknown_passes} in disable; passes: {list(PASS_NAMES)}")
+    backend_options = {k: options[k] for k in ("inner", "target", "disable") if k in options}
     if isinstance(model, nn.Module):
         convert_model(model)
     return torch.compile(
         model,
         backend=moec_backend,
-        options={"inner": inner},
+        options=backend_options,
         dynamic=options.get("dynamic"),
         fullgraph=options.get("fullgraph", False),
     )

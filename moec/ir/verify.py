@@ -33,7 +33,8 @@ def _route_rules(a):
 
 def _dispatch_rules(a):
     idx = _val(a[0])
-    yield a[1] >= 1, "num_experts must be positive"
+    if isinstance(a[1], int):
+        yield a[1] >= 1, "num_experts must be positive"
     if idx is not None:
         yield idx.dtype == torch.int64, "idx must be int64"
 
@@ -55,17 +56,57 @@ def _combine_rules(a):
         yield y.shape[0] == slot.shape[0], "one expert output row per routed slot"
 
 
+def _gate_rules(a):
+    x, router_w, kind, top_k = _val(a[0]), _val(a[1]), a[4], a[5]
+    yield kind in ops.ROUTER_KINDS, f"router kind {kind!r} is not one of {ops.ROUTER_KINDS}"
+    if x is not None:
+        E = x.shape[-1] if router_w is None else router_w.shape[0]
+        yield x.is_floating_point(), "gate input must be floating point"
+        yield 1 <= top_k <= E, f"top_k {top_k} outside 1..{E} experts"
+        if router_w is not None:
+            yield router_w.dim() == 2 and router_w.shape[1] == x.shape[-1], "router weight must be [E, H]"
+
+
+def _grouped_rules(x_pos, w_pos, act_pos=None):
+    def rules(a):
+        x, w, counts = _val(a[x_pos]), _val(a[w_pos]), _val(a[2])
+        if act_pos is not None:
+            yield a[act_pos] in ops.ACTIVATIONS, f"activation {a[act_pos]!r} is not one of {ops.ACTIVATIONS}"
+        if x is not None and w is not None:
+            yield w.dim() == 3, "expert weights must be [E, ., .]"
+            yield x.dtype == w.dtype, "rows and expert weights differ in dtype"
+            if counts is not None:
+                yield counts.shape[0] == w.shape[0], "one count per expert weight"
+
+    return rules
+
+
+def _grouped_combine_rules(a):
+    yield from _grouped_rules(0, 3)(a)
+    rows, slot = _val(a[0]), _val(a[1])
+    if rows is not None and slot is not None:
+        yield rows.shape[0] == slot.shape[0], "one row per routed slot"
+
+
 RULES: dict[str, Callable] = {
     "route": _route_rules,
     "dispatch": _dispatch_rules,
     "expert_ffn": _ffn_rules,
     "combine": _combine_rules,
     "shared_expert": lambda a: _ffn_rules(a, stacked=False),
+    "gate": _gate_rules,
+    "permute": _dispatch_rules,
+    "grouped_gemm": _grouped_rules(0, 3),
+    "activation": lambda a: iter([(a[1] in ops.ACTIVATIONS, f"activation {a[1]!r} is not one of {ops.ACTIVATIONS}")]),
+    "grouped_gemm_act": _grouped_rules(0, 3, act_pos=5),
+    "grouped_gemm_combine": _grouped_combine_rules,
 }
 
 
-def moec_op_name(node: torch.fx.Node) -> str | None:
-    """The moec op a node calls ("route", ...), else None."""
+NAMESPACES = ("moec", "moec_cpu", "moec_triton")
+
+
+def _qualified(node: torch.fx.Node) -> tuple[str, str] | None:
     if node.op != "call_function":
         return None
     target = node.target
@@ -75,9 +116,22 @@ def moec_op_name(node: torch.fx.Node) -> str | None:
         name = target._qualified_op_name
     else:
         return None
-    if name.startswith("moec::"):
-        return name.split("::", 1)[1].split(".", 1)[0]
+    namespace, _, rest = name.partition("::")
+    if namespace in NAMESPACES:
+        return namespace, rest.split(".", 1)[0]
     return None
+
+
+def moec_op_name(node: torch.fx.Node) -> str | None:
+    """The moec op a node calls ("route", "grouped_gemm_act", ...) in any moec namespace, else None."""
+    q = _qualified(node)
+    return None if q is None else q[1]
+
+
+def moec_op_namespace(node: torch.fx.Node) -> str | None:
+    """"moec" (reference), "moec_cpu" or "moec_triton" for a moec op node, else None."""
+    q = _qualified(node)
+    return None if q is None else q[0]
 
 
 def verify(gm: torch.fx.GraphModule) -> int:

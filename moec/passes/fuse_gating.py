@@ -1,0 +1,97 @@
+"""fuse_gating: router GEMM + ``route`` + ``dispatch`` -> ``gate`` + ``permute``.
+
+Contract: for every ``moec::route`` without an expert capacity, the routing becomes one
+``moec::gate`` (softmax or sigmoid, correction bias, group-limited top-k, renormalisation,
+scaling and the per-expert counts in one op), and every ``moec::dispatch`` of its choice becomes
+``moec::permute`` taking the gate's counts. When the logits are ``linear(x, w, b)`` used by the
+route alone, the GEMM moves into the gate too. Returns the graph and the number of routes fused.
+Numerics: preserved; ``gate`` computes exactly the linear and route it replaces.
+
+Preconditions: route nodes are only read through ``getitem`` (as dynamo and AOT graphs do).
+Left alone: routes with a capacity (the drops need the dispatch order; they keep
+``route``/``dispatch``), and dispatches whose expert count differs from the logits' width.
+
+Pseudo-code::
+
+    for route in routes(capacity == 0):
+        x, w, b = linear_args(route.logits) if the logits feed only this route else (logits, None, None)
+        gate = moec.gate(x, w, b, route.correction_bias, *route.attrs)
+        route[0], route[1] -> gate[0], gate[1]
+        for dispatch of gate[1]: token, slot = moec.permute(gate[1], gate[2]); dispatch[2] -> gate[2]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from moec.passes.util import getitems, mark, only_getitem_users, op, op_nodes, output
+
+NAME = "fuse_gating"
+_LINEARS = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
+
+
+def _linear_args(logits: Node) -> tuple | None:
+    if logits.op != "call_function" or logits.target not in _LINEARS or len(logits.users) != 1:
+        return None
+    args = list(logits.args) + [None] * (3 - len(logits.args))
+    x, w, b = args[0], logits.kwargs.get("weight", args[1]), logits.kwargs.get("bias", args[2])
+    if not all(isinstance(t, Node) or t is None for t in (x, w, b)) or w is None:
+        return None
+    return x, w, b
+
+
+def _val(n):
+    return n.meta.get("val", n.meta.get("example_value")) if isinstance(n, Node) else None
+
+
+def fuse_gating(gm: torch.fx.GraphModule, example_inputs=None) -> tuple[torch.fx.GraphModule, int]:
+    graph, changed = gm.graph, 0
+    for route in op_nodes(gm, "route"):
+        logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, capacity = route.args
+        if capacity != 0 or not only_getitem_users(route):
+            continue
+        fused = _linear_args(logits)
+        x, w, b = fused if fused is not None else (logits, None, None)
+        with graph.inserting_before(route):
+            gate = mark(graph.call_function(op("gate"), (x, w, b, correction_bias, kind, top_k, num_groups,
+                                                          topk_groups, renormalize, scaling)), NAME, route)
+        weights, idx, counts = (output(graph, gate, i) for i in range(3))
+        outs = getitems(route)
+        for g in outs.get(0, []):
+            g.replace_all_uses_with(weights)
+        for g in outs.get(1, []):
+            g.replace_all_uses_with(idx)
+        for dispatch in list(op_nodes(gm, "dispatch")):
+            if dispatch.args[0] is not idx:
+                continue
+            logits_val = _val(logits if fused is None else w)
+            E = logits_val.shape[-1] if fused is None and logits_val is not None else (
+                logits_val.shape[0] if logits_val is not None else None)
+            if E is not None and E != dispatch.args[1]:
+                continue
+            with graph.inserting_before(dispatch):
+                permute = mark(graph.call_function(op("permute"), (idx, counts)), NAME, dispatch)
+            douts = getitems(dispatch)
+            for i in (0, 1):
+                if douts.get(i):
+                    new = output(graph, permute, i)
+                    for g in douts[i]:
+                        g.replace_all_uses_with(new)
+            for g in douts.get(2, []):
+                g.replace_all_uses_with(counts)
+        for n in [*route.users, route] + ([logits] if fused is not None else []) + [weights, idx, counts]:
+            if not n.users:
+                graph.erase_node(n)
+        changed += 1
+    _erase_dead(gm, "dispatch")
+    gm.recompile()
+    return gm, changed
+
+
+def _erase_dead(gm: torch.fx.GraphModule, name: str) -> None:
+    for node in op_nodes(gm, name):
+        if all(not u.users for u in node.users):
+            for u in list(node.users):
+                gm.graph.erase_node(u)
+            gm.graph.erase_node(node)
