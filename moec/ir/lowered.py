@@ -4,7 +4,7 @@ Contract: like the canonical ops (``moec.ir.ops``), every op here is a ``moec::`
 body is the plain-PyTorch reference (the oracle every implementation is tested against), with a
 fake implementation and an autograd formula whose backward is a ``moec::*_backward`` op computed
 from the reference. Implementations with the same signatures live in other namespaces
-(``moec_cpu::`` in ``moec.codegen.cpu``, ``moec_triton::`` in ``moec.codegen.triton``); the
+(``moec_cpu::`` in ``moec.codegen.cpu``, ``moec_triton::`` in ``moec.codegen.triton_ops``); the
 ``select_impl`` pass swaps a node's namespace, nothing else.
 
 After the passes a layer reads::
