@@ -1,0 +1,616 @@
+"""Fast CPU lowering of the lowered MoE ops: ``moec_cpu::`` custom ops.
+
+Contract: importing this module registers ``moec_cpu::{gate, permute, grouped_gemm, activation,
+grouped_gemm_act, grouped_gemm_combine}`` with exactly the signatures (names, order, types) and
+semantics of the ``moec::`` ops in ``moec.ir.lowered`` (the oracle), each with a fake and an
+autograd formula whose backward is a ``moec_cpu::*_backward`` op computed directly (GEMMs per
+expert, hand-written or ``torch.func.vjp`` activation gradients), never by differentiating the
+reference. The ``select_impl`` pass swaps ``moec::`` for ``moec_cpu::`` and nothing else.
+
+Numerics: float32 results agree with the references to fp32 rounding (summation order differs:
+fused bias add, per-expert GEMMs by a different BLAS); bfloat16 to bf16 rounding. Routing
+(``gate``, ``permute``) is bit-identical: it runs the same reference code, so ties break the same.
+
+How it is fast (CPU, float32/bfloat16):
+
+- one host sync per op (``counts.tolist()``), then a loop over the *non-empty* experts only; the
+  dropped rows past ``sum(counts)`` are never computed, only zeroed;
+- the input rows are gathered once with ``index_select`` (sorted dispatch), each expert's rows are
+  one contiguous slice;
+- the per-expert GEMMs go through oneDNN (``mkldnn::_linear_pointwise``) when it can take the
+  operands (2-5 rows take BLAS's ``W @ x^T`` instead, see ``_SKINNY_ROWS``). On this project's AMD machines the default fp32 BLAS (MKL) runs a skinny GEMM on one
+  thread at a third of DRAM speed and a large one at half of the cores' peak; oneDNN's JIT kernels
+  stream the weights at memory speed for a few tokens and reach peak for many. Other dtypes
+  (float64) and layouts fall back to ``torch.mm``/``addmm``;
+- the activation runs in place on each expert's GEMM output while it is in cache and writes its
+  slice of a preallocated output; the combine scales each expert's rows by their routing weight in
+  place and ``index_add_``s them into the token-order output (serial on CPU, so deterministic).
+
+Legend: T tokens, H hidden, E experts, K top-k, N = T*K slots, F first-GEMM width, I expert hidden,
+D the input width of a GEMM, O its output width, M one expert's rows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moec.ir.lowered import gate_reference, permute_reference
+from moec.ir.ops import GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# Measured on the project's 2-core AMD EPYC (fp32, cold weights, GB/s of weight read):
+#   rows            1    2-4   8    16   32
+#   oneDNN x W^T    37   28    25   21   15
+#   MKL    W x^T    15   43    22   12   8
+# so 2-5 rows take the MKL form and the rest oneDNN.
+_SKINNY_ROWS = (2, 5)
+# Module switch so benchmarks can compare the oneDNN path with plain torch.mm in one process.
+use_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def _spans(counts_E: Tensor) -> tuple[list[tuple[int, int, int]], int]:
+    """``[(expert, start, end)]`` of the non-empty experts' rows, and the number of kept rows."""
+    spans, start = [], 0
+    for e, count in enumerate(counts_E.tolist()):  # the op's one host sync
+        if count:
+            spans.append((e, start, start + count))
+            start += count
+    return spans, start
+
+
+def _linear(x_MD: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool) -> Tensor:
+    """``x_MD @ W + b`` for one expert's weight (``w [O, D]``, or ``[D, O]`` when transposed)."""
+    w_OD = w.t() if transposed else w
+    if (_SKINNY_ROWS[0] <= x_MD.shape[0] <= _SKINNY_ROWS[1] and x_MD.dtype == torch.float32 and w_OD.is_contiguous()
+            and (b is None or b.dtype == x_MD.dtype)):
+        # A few rows: BLAS's W @ x^T (weight as the long operand) streams W on all threads; the
+        # result is returned as a transposed view, which the callers' in-place ops accept.
+        h_OM = torch.mm(w_OD, x_MD.t()) if b is None else torch.addmm(b[:, None], w_OD, x_MD.t())
+        return h_OM.t()
+    if (use_onednn and x_MD.dtype in _ONEDNN_DTYPES and w_OD.dtype == x_MD.dtype and w_OD.is_contiguous()
+            and x_MD.is_contiguous() and (b is None or b.dtype == x_MD.dtype)):
+        return torch.ops.mkldnn._linear_pointwise(x_MD, w_OD, b, "none", [], "")
+    return torch.mm(x_MD, w_OD.t()) if b is None else torch.addmm(b, x_MD, w_OD.t())
+
+
+def _gathered_rows(x: Tensor, token_N: Optional[Tensor], total: int) -> Tensor:
+    x_MD = x.reshape(-1, x.shape[-1])
+    if token_N is None:
+        return x_MD[:total]
+    return x_MD.index_select(0, token_N[:total])
+
+
+def _out_rows(x: Tensor, token_N: Optional[Tensor]) -> int:
+    return token_N.shape[0] if token_N is not None else x.numel() // x.shape[-1]
+
+
+def _out_width(w: Tensor, transposed: bool) -> int:
+    return w.shape[-1] if transposed else w.shape[-2]
+
+
+def _act_width(width: int, activation: str) -> int:
+    return width // 2 if activation in GATED_ACTIVATIONS else width
+
+
+def _halves(h_MF: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
+    if interleaved:
+        return h_MF[:, ::2], h_MF[:, 1::2]
+    half = h_MF.shape[-1] // 2
+    return h_MF[:, :half], h_MF[:, half:]
+
+
+def _act_into(h_MF: Tensor, out_MI: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> None:
+    """``out_MI = activation(h_MF)``, overwriting ``h_MF`` (a scratch GEMM output) on the way.
+
+    The op order is the reference's (``moec.ir.ops._apply_activation``), so each element rounds
+    the same way; only the temporaries are gone.
+    """
+    if activation in UNGATED_ACTIVATIONS:
+        if activation == "relu":
+            torch.clamp_min(h_MF, 0, out=out_MI)
+        elif activation == "silu":
+            torch.ops.aten.silu.out(h_MF, out=out_MI)
+        else:
+            torch.ops.aten.gelu.out(h_MF, approximate="tanh" if activation == "gelu_tanh" else "none", out=out_MI)
+        return
+    _check(activation in GATED_ACTIVATIONS, f"unknown activation {activation!r}")
+    gate_MI, up_MI = _halves(h_MF, interleaved)
+    if activation == "swiglu":
+        torch.ops.aten.silu_(gate_MI)
+        torch.mul(gate_MI, up_MI, out=out_MI)
+    elif activation == "clamped_swiglu":
+        gate_MI.clamp_(max=limit)
+        up_MI.clamp_(min=-limit, max=limit)
+        gate_MI.mul_(torch.sigmoid(gate_MI * alpha))
+        up_MI.add_(1)
+        torch.mul(up_MI, gate_MI, out=out_MI)
+    else:
+        torch.ops.aten.gelu_(gate_MI, approximate="tanh" if activation == "geglu_tanh" else "none")
+        torch.mul(gate_MI, up_MI, out=out_MI)
+
+
+def _act_grad(grad_MI: Tensor, h_MF: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> Tensor:
+    """d activation(h) / d h applied to ``grad_MI``: [M, F]."""
+    if activation == "relu":
+        return grad_MI * (h_MF > 0)
+    if activation == "swiglu":
+        gate_MI, up_MI = _halves(h_MF, interleaved)
+        sig_MI = torch.sigmoid(gate_MI)
+        silu_MI = gate_MI * sig_MI
+        d_up_MI = grad_MI * silu_MI
+        # d silu(g) / dg = s + g s (1 - s) = s (1 + g (1 - s))
+        d_gate_MI = grad_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
+        if interleaved:
+            return torch.stack([d_gate_MI, d_up_MI], dim=-1).reshape(h_MF.shape)
+        return torch.cat([d_gate_MI, d_up_MI], dim=-1)
+    # The others are rarer; the vjp of the reference activation alone is elementwise and cheap.
+    _, vjp_fn = torch.func.vjp(lambda h_: _apply_activation(h_, activation, interleaved, alpha, limit), h_MF)
+    return vjp_fn(grad_MI.to(h_MF.dtype))[0]
+
+
+def _weight_grads(d_h_MO: Tensor, x_MD: Tensor, w: Tensor, d_w: Tensor, e: int, d_b: Optional[Tensor],
+                  transposed: bool) -> Tensor:
+    """For ``h = x @ W + b`` on one expert: writes ``d_w[e]`` (and ``d_b[e]``), returns ``d_x_MD``."""
+    if transposed:  # w[e] is [D, O]: h = x w
+        torch.mm(x_MD.t(), d_h_MO, out=d_w[e])
+        d_x_MD = torch.mm(d_h_MO, w[e].t())
+    else:  # w[e] is [O, D]: h = x w^T
+        torch.mm(d_h_MO.t(), x_MD, out=d_w[e])
+        d_x_MD = torch.mm(d_h_MO, w[e])
+    if d_b is not None:
+        torch.sum(d_h_MO, dim=0, out=d_b[e])
+    return d_x_MD
+
+
+def _scatter_rows(d_rows_MD: Tensor, x: Tensor, token_N: Optional[Tensor]) -> Tensor:
+    """The gradient of ``_gathered_rows``: rows added back into x's shape (dropped rows give 0)."""
+    d_x_MD = x.new_zeros(x.numel() // x.shape[-1], x.shape[-1])
+    total = d_rows_MD.shape[0]
+    if token_N is None:
+        d_x_MD[:total] = d_rows_MD
+    else:
+        d_x_MD.index_add_(0, token_N[:total], d_rows_MD)
+    return d_x_MD.reshape(x.shape)
+
+
+def _empty_grad(ref: Tensor, t: Optional[Tensor], zero: bool = True) -> Tensor:
+    if t is None:
+        return ref.new_empty(0)
+    return torch.zeros_like(t) if zero else torch.empty_like(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# gate
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec_cpu::gate", mutates_args=())
+def gate(
+    x: Tensor,
+    router_weight: Optional[Tensor],
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Router GEMM + top-k + counts. The routing is the reference code itself: it is a handful of
+    [T, E] ops, and sharing it keeps expert choices (ties included) identical to ``moec::gate``."""
+    weights_TK, idx_TK, counts_E = gate_reference(x, router_weight, router_bias, correction_bias, kind, top_k,
+                                                  num_groups, topk_groups, renormalize, scaling)
+    return weights_TK.contiguous(), idx_TK.contiguous(), counts_E
+
+
+@gate.register_fake
+def _(x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling):
+    shape = (*x.shape[:-1], top_k)
+    num_experts = x.shape[-1] if router_weight is None else router_weight.shape[0]
+    return (x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64),
+            x.new_empty(num_experts, dtype=torch.int64))
+
+
+@torch.library.custom_op("moec_cpu::gate_backward", mutates_args=())
+def gate_backward(
+    grad_weights: Tensor,
+    x: Tensor,
+    router_weight: Optional[Tensor],
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for (x, router_weight, router_bias); an empty tensor for an absent one.
+
+    Written out: the top-k choice is piecewise constant, so the gradient flows through the chosen
+    probabilities only (softmax / sigmoid, then renormalisation and scaling); the router GEMM's
+    gradient is two GEMMs."""
+    x_TH = x.reshape(-1, x.shape[-1])
+    logits_TE = x_TH if router_weight is None else F.linear(x_TH, router_weight, router_bias)
+    d_logits_TE = _route_grad(grad_weights.reshape(-1, top_k).float(), logits_TE, correction_bias, kind, top_k,
+                              num_groups, topk_groups, renormalize, scaling).to(logits_TE.dtype)
+    if router_weight is None:
+        return d_logits_TE.reshape(x.shape), x.new_empty(0), x.new_empty(0)
+    d_x = torch.mm(d_logits_TE, router_weight).reshape(x.shape)
+    d_w = torch.mm(d_logits_TE.t(), x_TH)
+    d_b = d_logits_TE.sum(0) if router_bias is not None else x.new_empty(0)
+    return d_x, d_w, d_b
+
+
+def _route_grad(d_out_TK: Tensor, logits_TE: Tensor, correction_bias: Optional[Tensor], kind: str, top_k: int,
+                num_groups: int, topk_groups: int, renormalize: bool, scaling: float) -> Tensor:
+    """d route_reference(...).weights / d logits applied to ``d_out_TK``: [T, E] float32."""
+    from moec.ir.ops import route_reference
+
+    logits_f = logits_TE.float()
+    # The same code picks the experts as in the forward, so ties break the same way.
+    _, idx_TK = route_reference(logits_f, correction_bias, kind, top_k, num_groups, topk_groups, False, 1.0, 0)
+    if kind == "topk_softmax":
+        weights_TK = logits_f.gather(-1, idx_TK).softmax(dim=-1)
+    elif kind in ("softmax_topk", "top1"):
+        probs_TE = logits_f.softmax(dim=-1)
+        weights_TK = probs_TE.gather(-1, idx_TK)
+    else:
+        probs_TE = logits_f.sigmoid()
+        weights_TK = probs_TE.gather(-1, idx_TK)
+    d_TK = d_out_TK * scaling
+    if renormalize:
+        sum_T1 = weights_TK.sum(dim=-1, keepdim=True) + 1e-20
+        # w' = w / S:  dw_j = (dw'_j - sum_k dw'_k w'_k) / S
+        d_TK = (d_TK - (d_TK * (weights_TK / sum_T1)).sum(dim=-1, keepdim=True)) / sum_T1
+    if kind == "topk_softmax":
+        d_TK = weights_TK * (d_TK - (d_TK * weights_TK).sum(dim=-1, keepdim=True))
+        return torch.zeros_like(logits_f).scatter_add_(-1, idx_TK, d_TK)
+    d_probs_TE = torch.zeros_like(logits_f).scatter_add_(-1, idx_TK, d_TK)
+    if kind in ("softmax_topk", "top1"):
+        return probs_TE * (d_probs_TE - (d_probs_TE * probs_TE).sum(dim=-1, keepdim=True))
+    return d_probs_TE * probs_TE * (1 - probs_TE)
+
+
+@gate_backward.register_fake
+def _(grad_weights, x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups,
+      renormalize, scaling):
+    def like(t):
+        return grad_weights.new_empty(0) if t is None else torch.empty_like(t)
+
+    return like(x), like(router_weight), like(router_bias)
+
+
+def _gate_setup(ctx, inputs, output):
+    x, router_weight, router_bias, correction_bias, *attrs = inputs
+    ctx.save_for_backward(x, router_weight, router_bias, correction_bias)
+    ctx.attrs = attrs
+
+
+def _gate_bwd(ctx, grad_weights, grad_idx, grad_counts):
+    x, router_weight, router_bias, correction_bias = ctx.saved_tensors
+    gx, gw, gb = torch.ops.moec_cpu.gate_backward(grad_weights, x, router_weight, router_bias, correction_bias,
+                                                  *ctx.attrs)
+    return (gx, gw if router_weight is not None else None, gb if router_bias is not None else None,
+            None, None, None, None, None, None, None)
+
+
+gate.register_autograd(_gate_bwd, setup_context=_gate_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# permute
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec_cpu::permute", mutates_args=())
+def permute(idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Slots grouped by expert, stable in slot order: (token_N, slot_N). One stable sort of the
+    N expert ids (the reference's; it is already the fast form on CPU)."""
+    return permute_reference(idx, counts)
+
+
+@permute.register_fake
+def _(idx, counts):
+    n = idx.numel()
+    return idx.new_empty(n), idx.new_empty(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped_gemm
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec_cpu::grouped_gemm", mutates_args=())
+def grouped_gemm(
+    x: Tensor, token_idx: Optional[Tensor], counts: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool
+) -> Tensor:
+    """Each expert's rows times its weight (+ bias): [rows, out]; rows past the counts are zero."""
+    spans, total = _spans(counts)
+    x_ND = _gathered_rows(x, token_idx, total)
+    out_NO = x.new_empty(_out_rows(x, token_idx), _out_width(w, transposed))
+    out_NO[total:].zero_()
+    for e, start, end in spans:
+        out_NO[start:end] = _linear(x_ND[start:end], w[e], None if b is None else b[e], transposed)
+    return out_NO
+
+
+@grouped_gemm.register_fake
+def _(x, token_idx, counts, w, b, transposed):
+    return x.new_empty(_out_rows(x, token_idx), _out_width(w, transposed))
+
+
+@torch.library.custom_op("moec_cpu::grouped_gemm_backward", mutates_args=())
+def grouped_gemm_backward(
+    grad_out: Tensor, x: Tensor, token_idx: Optional[Tensor], counts: Tensor, w: Tensor, b: Optional[Tensor],
+    transposed: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for (x, w, b); an empty tensor for an absent bias."""
+    spans, total = _spans(counts)
+    x_ND = _gathered_rows(x, token_idx, total)
+    d_w, d_b = torch.zeros_like(w), _empty_grad(grad_out, b)
+    d_x_ND = x.new_empty(total, x.shape[-1])
+    for e, start, end in spans:
+        d_x_ND[start:end] = _weight_grads(grad_out[start:end], x_ND[start:end], w, d_w, e,
+                                          None if b is None else d_b, transposed)
+    return _scatter_rows(d_x_ND, x, token_idx), d_w, d_b
+
+
+@grouped_gemm_backward.register_fake
+def _(grad_out, x, token_idx, counts, w, b, transposed):
+    return torch.empty_like(x), torch.empty_like(w), _empty_grad(grad_out, b, zero=False)
+
+
+def _gg_setup(ctx, inputs, output):
+    x, token_idx, counts, w, b, transposed = inputs
+    ctx.save_for_backward(x, token_idx, counts, w, b)
+    ctx.transposed = transposed
+
+
+def _gg_bwd(ctx, grad_out):
+    x, token_idx, counts, w, b = ctx.saved_tensors
+    gx, gw, gb = torch.ops.moec_cpu.grouped_gemm_backward(grad_out.contiguous(), x, token_idx, counts, w, b,
+                                                          ctx.transposed)
+    return gx, None, None, gw, gb if b is not None else None, None
+
+
+grouped_gemm.register_autograd(_gg_bwd, setup_context=_gg_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# activation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec_cpu::activation", mutates_args=())
+def activation(h: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> Tensor:
+    """The expert activation on [rows, F]: [rows, I] (gated) or [rows, F]."""
+    h_MF = h.reshape(-1, h.shape[-1])
+    out_MI = h.new_empty(h_MF.shape[0], _act_width(h.shape[-1], activation))
+    # Gated activations overwrite their input's halves; the op's input is not ours to clobber.
+    _act_into(h_MF.clone() if activation in GATED_ACTIVATIONS else h_MF, out_MI, activation, interleaved, alpha,
+              limit)
+    return out_MI.reshape(*h.shape[:-1], out_MI.shape[-1])
+
+
+@activation.register_fake
+def _(h, activation, interleaved, alpha, limit):
+    return h.new_empty(*h.shape[:-1], _act_width(h.shape[-1], activation))
+
+
+@torch.library.custom_op("moec_cpu::activation_backward", mutates_args=())
+def activation_backward(grad_out: Tensor, h: Tensor, activation: str, interleaved: bool, alpha: float,
+                        limit: float) -> Tensor:
+    h_MF = h.reshape(-1, h.shape[-1])
+    grad_MI = grad_out.reshape(h_MF.shape[0], -1)
+    return _act_grad(grad_MI, h_MF, activation, interleaved, alpha, limit).reshape(h.shape)
+
+
+@activation_backward.register_fake
+def _(grad_out, h, activation, interleaved, alpha, limit):
+    return torch.empty_like(h)
+
+
+def _act_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.attrs = inputs[1:]
+
+
+def _act_bwd(ctx, grad_out):
+    (h,) = ctx.saved_tensors
+    return torch.ops.moec_cpu.activation_backward(grad_out, h, *ctx.attrs), None, None, None, None
+
+
+activation.register_autograd(_act_bwd, setup_context=_act_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped_gemm_act
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec_cpu::grouped_gemm_act", mutates_args=())
+def grouped_gemm_act(
+    x: Tensor,
+    token_idx: Optional[Tensor],
+    counts: Tensor,
+    w_in: Tensor,
+    b_in: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """``activation(grouped_gemm(x, token_idx, counts, w_in, b_in))`` in one op: the [M, F]
+    intermediate of each expert lives only while that expert runs."""
+    spans, total = _spans(counts)
+    x_ND = _gathered_rows(x, token_idx, total)
+    a_NI = x.new_empty(_out_rows(x, token_idx), _act_width(_out_width(w_in, transposed), activation))
+    a_NI[total:].zero_()
+    for e, start, end in spans:
+        h_MF = _linear(x_ND[start:end], w_in[e], None if b_in is None else b_in[e], transposed)
+        _act_into(h_MF, a_NI[start:end], activation, interleaved, alpha, limit)
+    return a_NI
+
+
+@grouped_gemm_act.register_fake
+def _(x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
+    return x.new_empty(_out_rows(x, token_idx), _act_width(_out_width(w_in, transposed), activation))
+
+
+@torch.library.custom_op("moec_cpu::grouped_gemm_act_backward", mutates_args=())
+def grouped_gemm_act_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    token_idx: Optional[Tensor],
+    counts: Tensor,
+    w_in: Tensor,
+    b_in: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for (x, w_in, b_in); an empty tensor for an absent bias. Each expert's
+    pre-activation is recomputed (one GEMM) rather than saved from the forward."""
+    spans, total = _spans(counts)
+    x_ND = _gathered_rows(x, token_idx, total)
+    d_w, d_b = torch.zeros_like(w_in), _empty_grad(grad_out, b_in)
+    d_x_ND = x.new_empty(total, x.shape[-1])
+    for e, start, end in spans:
+        x_MD = x_ND[start:end]
+        h_MF = _linear(x_MD, w_in[e], None if b_in is None else b_in[e], transposed)
+        d_h_MF = _act_grad(grad_out[start:end], h_MF, activation, interleaved, alpha, limit)
+        d_x_ND[start:end] = _weight_grads(d_h_MF, x_MD, w_in, d_w, e, None if b_in is None else d_b, transposed)
+    return _scatter_rows(d_x_ND, x, token_idx), d_w, d_b
+
+
+@grouped_gemm_act_backward.register_fake
+def _(grad_out, x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
+    return torch.empty_like(x), torch.empty_like(w_in), _empty_grad(grad_out, b_in, zero=False)
+
+
+def _gga_setup(ctx, inputs, output):
+    x, token_idx, counts, w_in, b_in, *attrs = inputs
+    ctx.save_for_backward(x, token_idx, counts, w_in, b_in)
+    ctx.attrs = attrs
+
+
+def _gga_bwd(ctx, grad_out):
+    x, token_idx, counts, w_in, b_in = ctx.saved_tensors
+    gx, gw, gb = torch.ops.moec_cpu.grouped_gemm_act_backward(grad_out.contiguous(), x, token_idx, counts, w_in,
+                                                              b_in, *ctx.attrs)
+    return (gx, None, None, gw, gb if b_in is not None else None) + (None,) * 5
+
+
+grouped_gemm_act.register_autograd(_gga_bwd, setup_context=_gga_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped_gemm_combine
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec_cpu::grouped_gemm_combine", mutates_args=())
+def grouped_gemm_combine(
+    a: Tensor,
+    slot_idx: Tensor,
+    counts: Tensor,
+    w_out: Tensor,
+    b_out: Optional[Tensor],
+    weights: Tensor,
+    transposed: bool,
+) -> Tensor:
+    """``combine(grouped_gemm(a, None, counts, w_out, b_out), slot_idx, weights)`` in one op: [T, H].
+    No [N, H] intermediate: each expert's output rows are scaled in place and added into their
+    tokens' rows; dropped slots add nothing."""
+    K = weights.shape[-1]
+    a = a.reshape(-1, a.shape[-1])
+    spans, total = _spans(counts)
+    slot_M = slot_idx[:total]
+    weight_M = weights.reshape(-1).index_select(0, slot_M)
+    token_M = torch.div(slot_M, K, rounding_mode="floor")
+    out_TH = a.new_zeros(weights.numel() // K, _out_width(w_out, transposed))
+    for e, start, end in spans:
+        y_MH = _linear(a[start:end], w_out[e], None if b_out is None else b_out[e], transposed)
+        y_MH.mul_(weight_M[start:end, None])
+        out_TH.index_add_(0, token_M[start:end], y_MH)
+    return out_TH
+
+
+@grouped_gemm_combine.register_fake
+def _(a, slot_idx, counts, w_out, b_out, weights, transposed):
+    return a.new_empty(weights.numel() // weights.shape[-1], _out_width(w_out, transposed))
+
+
+@torch.library.custom_op("moec_cpu::grouped_gemm_combine_backward", mutates_args=())
+def grouped_gemm_combine_backward(
+    grad_out: Tensor,
+    a: Tensor,
+    slot_idx: Tensor,
+    counts: Tensor,
+    w_out: Tensor,
+    b_out: Optional[Tensor],
+    weights: Tensor,
+    transposed: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (a, w_out, b_out, weights); an empty tensor for an absent bias.
+
+    Per expert: the unscaled output y is recomputed; d_weights[slot] = <y_row, grad_out[token]>;
+    the GEMM sees grad_out[token] * weight[slot]."""
+    K = weights.shape[-1]
+    spans, total = _spans(counts)
+    slot_M = slot_idx[:total]
+    weight_M = weights.reshape(-1).index_select(0, slot_M)
+    grad_MH = grad_out.reshape(-1, grad_out.shape[-1]).index_select(0, torch.div(slot_M, K, rounding_mode="floor"))
+    a_shape, a = a.shape, a.reshape(-1, a.shape[-1])
+    d_a = torch.zeros_like(a)
+    d_w, d_b = torch.zeros_like(w_out), _empty_grad(grad_out, b_out)
+    d_weight_M = weights.new_empty(total)
+    acc = torch.promote_types(torch.float32, a.dtype)
+    for e, start, end in spans:
+        y_MH = _linear(a[start:end], w_out[e], None if b_out is None else b_out[e], transposed)
+        g_MH = grad_MH[start:end]
+        d_weight_M[start:end] = (y_MH.to(acc) * g_MH.to(acc)).sum(dim=-1)
+        d_y_MH = (g_MH * weight_M[start:end, None]).to(a.dtype)
+        d_a[start:end] = _weight_grads(d_y_MH, a[start:end], w_out, d_w, e, None if b_out is None else d_b,
+                                       transposed)
+    d_weights = torch.zeros_like(weights).reshape(-1).index_copy_(0, slot_M, d_weight_M)
+    return d_a.reshape(a_shape), d_w, d_b, d_weights.reshape(weights.shape)
+
+
+@grouped_gemm_combine_backward.register_fake
+def _(grad_out, a, slot_idx, counts, w_out, b_out, weights, transposed):
+    return (torch.empty_like(a), torch.empty_like(w_out), _empty_grad(grad_out, b_out, zero=False),
+            torch.empty_like(weights))
+
+
+def _ggc_setup(ctx, inputs, output):
+    a, slot_idx, counts, w_out, b_out, weights, transposed = inputs
+    ctx.save_for_backward(a, slot_idx, counts, w_out, b_out, weights)
+    ctx.transposed = transposed
+
+
+def _ggc_bwd(ctx, grad_out):
+    a, slot_idx, counts, w_out, b_out, weights = ctx.saved_tensors
+    ga, gw, gb, gweights = torch.ops.moec_cpu.grouped_gemm_combine_backward(
+        grad_out.contiguous(), a, slot_idx, counts, w_out, b_out, weights, ctx.transposed
+    )
+    return ga, None, None, gw, gb if b_out is not None else None, gweights, None
+
+
+grouped_gemm_combine.register_autograd(_ggc_bwd, setup_context=_ggc_setup)
+
+CPU_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")

@@ -1,0 +1,292 @@
+"""``moec_cpu::`` ops against the ``moec::`` references: a shape table, forward and backward.
+
+Tolerances are scaled to the output (``max |out - ref| <= tol * max |ref|``), so a tolerance
+cannot hide values smaller than itself: float32 forward 2e-5 and backward 5e-5 (the per-expert
+GEMMs run through oneDNN instead of the reference's BLAS, so sums are ordered differently);
+bfloat16 forward 2e-2 (a few bf16 ulps; both sides round every GEMM output to bf16). Routing
+(gate indices and counts, permute) must be identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moec.codegen.cpu  # noqa: F401  (registers moec_cpu::)
+import moec.ir  # noqa: F401  (registers moec::)
+from moec.ir.ops import ACTIVATIONS, GATED_ACTIVATIONS, ROUTER_KINDS
+
+REL_TOL = {"fwd": 2e-5, "bwd": 5e-5, "bf16": 2e-2}
+
+
+def assert_scaled_close(out, ref, tol, what=""):
+    assert out.shape == ref.shape and out.dtype == ref.dtype, f"{what}: {out.shape} {out.dtype} vs {ref.shape} {ref.dtype}"
+    scale = ref.float().abs().max().item() if ref.numel() else 0.0
+    err = (out.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30), f"{what}: max err {err:.3e} > {tol:g} * max |ref| {scale:.3e}"
+
+
+# name -> (T, H, I, E, K, routing)
+CASES = {
+    "random": (9, 16, 12, 4, 2, "random"),
+    "expert_without_tokens": (8, 16, 12, 4, 2, "skip_expert_2"),
+    "all_tokens_on_one_expert": (7, 16, 12, 4, 1, "all_on_0"),
+    "one_token": (1, 16, 12, 4, 2, "random"),
+    "top_k_equals_experts": (5, 16, 12, 4, 4, "random"),
+    "odd_sizes": (13, 19, 11, 5, 3, "random"),
+    "capacity_dropped_rows": (11, 16, 12, 4, 2, "capacity"),
+}
+
+
+def routing(T, E, K, kind, g):
+    """(weights_TK fp32, token_N, slot_N, counts_E): counts may leave dropped rows at the end."""
+    weights_TK = torch.rand(T, K, generator=g) + 0.1
+    if kind == "capacity":
+        logits = torch.randn(T, E, generator=g)
+        logits[:, 0] += 5  # every token wants expert 0: its capacity drops some of them
+        weights_TK, idx_TK = torch.ops.moec.route(logits, None, "softmax_topk", K, 1, 1, True, 1.0, 3)
+        token_N, slot_N, counts_E = torch.ops.moec.dispatch(idx_TK, E)
+        assert int(counts_E.sum()) < T * K
+        return weights_TK, token_N, slot_N, counts_E
+    if kind == "all_on_0":
+        idx_TK = torch.zeros(T, K, dtype=torch.long)
+    else:
+        choices = [e for e in range(E) if not (kind == "skip_expert_2" and e == 2)]
+        idx_TK = torch.stack([torch.tensor(choices)[torch.randperm(len(choices), generator=g)[:K]] for _ in range(T)])
+    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=E)
+    token_N, slot_N = torch.ops.moec.permute(idx_TK, counts_E)
+    return weights_TK, token_N, slot_N, counts_E
+
+
+def expert_weights(E, H, I, activation, transposed, bias, dtype, g):
+    F_ = 2 * I if activation in GATED_ACTIVATIONS else I
+    w_in = torch.randn(E, F_, H, generator=g) / H**0.5
+    w_out = torch.randn(E, H, I, generator=g) / I**0.5
+    if transposed:
+        w_in, w_out = w_in.transpose(1, 2).contiguous(), w_out.transpose(1, 2).contiguous()
+    b_in = torch.randn(E, F_, generator=g) if bias else None
+    b_out = torch.randn(E, H, generator=g) if bias else None
+    return [None if t is None else t.to(dtype) for t in (w_in, w_out, b_in, b_out)]
+
+
+def grads(out, inputs, cotangent):
+    present = [t for t in inputs if t is not None]
+    got = iter(torch.autograd.grad(out, present, cotangent, allow_unused=True))
+    return [None if t is None else next(got) for t in inputs]
+
+
+def check_both(name, args, diff_pos, dtype=torch.float32):
+    """Run moec_cpu::name and moec::name on the same args; compare outputs (and, in float32,
+    gradients of the differentiable args at ``diff_pos``)."""
+    leaves = [a.detach().clone().requires_grad_(i in diff_pos and dtype == torch.float32) if isinstance(a, torch.Tensor)
+              else a for i, a in enumerate(args)]
+    ref_leaves = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                  for a in leaves]
+    out = getattr(torch.ops.moec_cpu, name)(*leaves)
+    ref = getattr(torch.ops.moec, name)(*ref_leaves)
+    assert_scaled_close(out, ref, REL_TOL["fwd" if dtype == torch.float32 else "bf16"], f"{name} forward")
+    if dtype != torch.float32:
+        return out, ref
+    cot = torch.randn_like(ref)
+    mine = grads(out, [leaves[i] for i in diff_pos], cot)
+    theirs = grads(ref, [ref_leaves[i] for i in diff_pos], cot)
+    for i, g_mine, g_ref in zip(diff_pos, mine, theirs):
+        if g_ref is None:
+            continue
+        assert_scaled_close(g_mine, g_ref, REL_TOL["bwd"], f"{name} grad of arg {i}")
+    return out, ref
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear_layout", "transposed"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grouped_ops_match_reference(case, transposed, bias):
+    T, H, I, E, K, kind = CASES[case]
+    g = torch.Generator().manual_seed(hash(case) % 1000)
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, kind, g)
+    w_in, w_out, b_in, b_out = expert_weights(E, H, I, "swiglu", transposed, bias, torch.float32, g)
+    x_TH = torch.randn(T, H, generator=g)
+    # Garbage past sum(counts): the ops must ignore those rows of their input.
+    a_NI = torch.randn(T * K, I, generator=g)
+
+    check_both("grouped_gemm", (x_TH, token_N, counts_E, w_in, b_in, transposed), (0, 3, 4))
+    check_both("grouped_gemm", (a_NI, None, counts_E, w_out, b_out, transposed), (0, 3, 4))
+    out, _ = check_both("grouped_gemm_act", (x_TH, token_N, counts_E, w_in, b_in, "swiglu", transposed, False, 1.702,
+                                             7.0), (0, 3, 4))
+    kept = int(counts_E.sum())
+    assert out[kept:].abs().max().item() == 0 if kept < out.shape[0] else True
+    check_both("grouped_gemm_combine", (a_NI, slot_N, counts_E, w_out, b_out, weights_TK, transposed), (0, 3, 4, 5))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_permute_is_identical(case):
+    T, H, I, E, K, kind = CASES[case]
+    if kind == "capacity":
+        pytest.skip("capacity layers keep moec::dispatch")
+    g = torch.Generator().manual_seed(3)
+    idx_TK = torch.randint(0, E, (T, K), generator=g) if kind != "all_on_0" else torch.zeros(T, K, dtype=torch.long)
+    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=E)
+    for mine, ref in zip(torch.ops.moec_cpu.permute(idx_TK, counts_E), torch.ops.moec.permute(idx_TK, counts_E)):
+        assert torch.equal(mine, ref)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activations(activation, interleaved):
+    if interleaved and activation not in GATED_ACTIVATIONS:
+        pytest.skip("interleaving only applies to gated activations")
+    T, H, I, E, K, kind = CASES["odd_sizes"]
+    g = torch.Generator().manual_seed(5)
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, kind, g)
+    w_in, _, b_in, _ = expert_weights(E, H, I, activation, False, True, torch.float32, g)
+    x_TH = torch.randn(T, H, generator=g) * 2  # reach clamped_swiglu's limit
+    alpha, limit = 1.702, 1.5
+    F_ = w_in.shape[1]
+    check_both("activation", (torch.randn(T, F_, generator=g) * 3, activation, interleaved, alpha, limit), (0,))
+    check_both("activation", (torch.randn(2, T, F_, generator=g), activation, interleaved, alpha, limit), (0,))
+    check_both("grouped_gemm_act", (x_TH, token_N, counts_E, w_in, b_in, activation, False, interleaved, alpha, limit),
+               (0, 3, 4))
+
+
+GATE_CASES = {
+    # kind -> (top_k, num_groups, topk_groups, correction bias, renormalize, scaling)
+    "softmax_topk": (2, 1, 1, False, True, 1.0),
+    "topk_softmax": (2, 1, 1, False, False, 1.0),
+    "sigmoid_topk": (3, 1, 1, False, True, 1.0),
+    "sigmoid_bias_grouped_topk": (4, 4, 2, True, True, 2.5),
+    "top1": (1, 1, 1, False, False, 1.0),
+}
+assert set(GATE_CASES) == set(ROUTER_KINDS)
+
+
+@pytest.mark.parametrize("router", ["router_weight", "router_weight_bias", "logits"])
+@pytest.mark.parametrize("kind", sorted(GATE_CASES))
+def test_gate(kind, router):
+    top_k, groups, topk_groups, corr, renorm, scaling = GATE_CASES[kind]
+    T, H, E = 10, 16, 8
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, T // 2, H if router != "logits" else E, generator=g)
+    rw = torch.randn(E, H, generator=g) / H**0.5 if router != "logits" else None
+    rb = torch.randn(E, generator=g) if router == "router_weight_bias" else None
+    cb = torch.randn(E, generator=g) * 0.1 if corr else None
+    args = (x, rw, rb, cb, kind, top_k, groups, topk_groups, renorm, scaling)
+    leaves = [a.clone().requires_grad_(i in (0, 1, 2)) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+    ref_leaves = [a.clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in leaves]
+    w, idx, counts = torch.ops.moec_cpu.gate(*leaves)
+    w_ref, idx_ref, counts_ref = torch.ops.moec.gate(*ref_leaves)
+    assert torch.equal(idx, idx_ref) and torch.equal(counts, counts_ref)
+    assert_scaled_close(w, w_ref, REL_TOL["fwd"], "gate weights")
+    cot = torch.randn_like(w_ref)
+    for i, gm, gr in zip((0, 1, 2), grads(w, leaves[:3], cot), grads(w_ref, ref_leaves[:3], cot)):
+        if gr is not None:
+            assert_scaled_close(gm, gr, REL_TOL["bwd"], f"gate grad of arg {i}")
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear_layout", "transposed"])
+@pytest.mark.parametrize("case", ["random", "capacity_dropped_rows", "one_token"])
+def test_bf16_forward(case, transposed, bias):
+    T, H, I, E, K, kind = CASES[case]
+    g = torch.Generator().manual_seed(11)
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, kind, g)
+    w_in, w_out, b_in, b_out = expert_weights(E, H, I, "swiglu", transposed, bias, torch.bfloat16, g)
+    x_TH = torch.randn(T, H, generator=g).bfloat16()
+    a_NI = torch.randn(T * K, I, generator=g).bfloat16()
+    bf = torch.bfloat16
+    check_both("grouped_gemm", (x_TH, token_N, counts_E, w_in, b_in, transposed), (), bf)
+    check_both("grouped_gemm_act", (x_TH, token_N, counts_E, w_in, b_in, "swiglu", transposed, False, 1.702, 7.0),
+               (), bf)
+    check_both("grouped_gemm_combine", (a_NI, slot_N, counts_E, w_out, b_out, weights_TK, transposed), (), bf)
+
+
+def test_float64_falls_back_to_torch_mm():
+    T, H, I, E, K, kind = CASES["random"]
+    g = torch.Generator().manual_seed(13)
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, kind, g)
+    w_in, w_out, b_in, b_out = expert_weights(E, H, I, "swiglu", False, True, torch.float64, g)
+    x_TH = torch.randn(T, H, generator=g, dtype=torch.float64)
+    a = torch.ops.moec_cpu.grouped_gemm_act(x_TH, token_N, counts_E, w_in, b_in, "swiglu", False, False, 1.0, 7.0)
+    out = torch.ops.moec_cpu.grouped_gemm_combine(a, slot_N, counts_E, w_out, b_out, weights_TK, False)
+    a_ref = torch.ops.moec.grouped_gemm_act(x_TH, token_N, counts_E, w_in, b_in, "swiglu", False, False, 1.0, 7.0)
+    ref = torch.ops.moec.grouped_gemm_combine(a_ref, slot_N, counts_E, w_out, b_out, weights_TK, False)
+    torch.testing.assert_close(out, ref)
+
+
+def test_layer_composition_matches_reference_layer():
+    """gate -> permute -> grouped_gemm_act -> grouped_gemm_combine, all moec_cpu, against all moec."""
+    T, H, I, E, K = 33, 32, 24, 8, 2
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(T, H, generator=g)
+    rw = torch.randn(E, H, generator=g)
+    w_in, w_out, _, _ = expert_weights(E, H, I, "swiglu", False, False, torch.float32, g)
+
+    def layer(ns):
+        w, idx, counts = ns.gate(x, rw, None, None, "softmax_topk", K, 1, 1, True, 1.0)
+        token, slot = ns.permute(idx, counts)
+        a = ns.grouped_gemm_act(x, token, counts, w_in, None, "swiglu", False, False, 1.702, 7.0)
+        return ns.grouped_gemm_combine(a, slot, counts, w_out, None, w, False)
+
+    assert_scaled_close(layer(torch.ops.moec_cpu), layer(torch.ops.moec), REL_TOL["fwd"], "layer")
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(19)
+    T, H, I, E, K = 6, 8, 5, 4, 2
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, "random", g)
+    idx_TK = torch.randint(0, E, (T, K), generator=g)
+    w_in, w_out, b_in, b_out = expert_weights(E, H, I, "swiglu", False, True, torch.float32, g)
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    a = torch.randn(T * K, I, generator=g, requires_grad=True)
+    h = torch.randn(T * K, 2 * I, generator=g, requires_grad=True)
+    rw = torch.randn(E, H, generator=g, requires_grad=True)
+    for t in (w_in, w_out, b_in, b_out, weights_TK):
+        t.requires_grad_()
+    ops = torch.ops.moec_cpu
+    return {
+        "gate": (ops.gate, (x, rw, None, None, "softmax_topk", K, 1, 1, True, 1.0)),
+        "gate_grouped": (ops.gate, (x, rw, None, torch.randn(E, generator=g), "sigmoid_bias_grouped_topk", K, 2, 1,
+                                    True, 2.0)),
+        "permute": (ops.permute, (idx_TK, torch.bincount(idx_TK.reshape(-1), minlength=E))),
+        "grouped_gemm": (ops.grouped_gemm, (x, token_N, counts_E, w_in, b_in, False)),
+        "activation": (ops.activation, (h, "swiglu", False, 1.702, 7.0)),
+        "grouped_gemm_act": (ops.grouped_gemm_act, (x, token_N, counts_E, w_in, b_in, "swiglu", False, False, 1.702,
+                                                    7.0)),
+        "grouped_gemm_combine": (ops.grouped_gemm_combine, (a, slot_N, counts_E, w_out, b_out, weights_TK, False)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_opcheck_cases()))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_backward_ops_opcheck():
+    g = torch.Generator().manual_seed(23)
+    T, H, I, E, K = 6, 8, 5, 4, 2
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, "random", g)
+    w_in, w_out, b_in, b_out = expert_weights(E, H, I, "swiglu", False, True, torch.float32, g)
+    x, a = torch.randn(T, H, generator=g), torch.randn(T * K, I, generator=g)
+    h = torch.randn(T * K, 2 * I, generator=g)
+    rw = torch.randn(E, H, generator=g)
+    ops = torch.ops.moec_cpu
+    for op, args in [
+        (ops.gate_backward, (torch.randn(T, K, generator=g), x, rw, None, None, "softmax_topk", K, 1, 1, True, 1.0)),
+        (ops.grouped_gemm_backward, (torch.randn(T * K, 2 * I, generator=g), x, token_N, counts_E, w_in, b_in, False)),
+        (ops.activation_backward, (torch.randn(T * K, I, generator=g), h, "swiglu", False, 1.702, 7.0)),
+        (ops.grouped_gemm_act_backward, (torch.randn(T * K, I, generator=g), x, token_N, counts_E, w_in, b_in, "swiglu",
+                                         False, False, 1.702, 7.0)),
+        (ops.grouped_gemm_combine_backward, (torch.randn(T, H, generator=g), a, slot_N, counts_E, w_out, b_out,
+                                             weights_TK, False)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+def test_signatures_match_reference():
+    for name in ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine"):
+        for suffix in ("", "_backward"):
+            if suffix and name == "permute":
+                continue
+            mine = getattr(torch.ops.moec_cpu, name + suffix).default._schema
+            ref = getattr(torch.ops.moec, name + suffix).default._schema
+            assert str(mine).replace("moec_cpu::", "moec::") == str(ref), name + suffix
