@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from moec.backend import INNER_COMPILERS, TARGETS, moec_backend
 from moec.passes.pipeline import PASS_NAMES
+from moec.passes.select_impl import load_target
 from moec.capture import convert_model
 from moec.capture.hook import active
 from moec.report import Fallback, Report
@@ -38,6 +39,8 @@ def compile(model: nn.Module, **options: Any):
     unknown_passes = sorted(set(options.get("disable", ())) - set(PASS_NAMES))
     if unknown_passes:
         raise ValueError(f"moec.compile: unknown passes {unknown_passes} in disable; passes: {list(PASS_NAMES)}")
+    if options.get("target") == "triton":
+        load_target("triton")  # fail here, not inside dynamo, when no GPU or interpreter can run the kernels
     backend_options = {k: options[k] for k in ("inner", "target", "disable") if k in options}
     if isinstance(model, nn.Module):
         convert_model(model)

@@ -1,4 +1,4 @@
-"""The ``moec`` command: ``moec inspect [SPEC]`` and ``moec bench [SPEC]``.
+"""The ``moec`` command: ``moec inspect [SPEC]``, ``moec codegen [SPEC]`` and ``moec bench [SPEC]``.
 
 Contract: ``main(argv)`` returns the exit status, it does not exit:
 
@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON (and nothing else) on stdout")
     p.add_argument("--graph", action="store_true", help="also print the captured FX graphs with their moec ops")
 
+    c = sub.add_parser("codegen", help="print the Triton kernels moec generates for a model's MoE layers",
+                       description="Capture and lower the model, then print the Triton source generated for "
+                                   "each MoE layer (gating, permutation, grouped GEMMs, backward), as written "
+                                   "to moec's kernel cache. Needs no GPU.")
+    c.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP % default)
+    c.add_argument("--layer", type=int, metavar="N", help="only the N-th MoE layer (0-based, in graph order)")
+    c.add_argument("--target", choices=["cuda", "interpret"],
+                   help="the source variant: cuda, or interpret for Triton's CPU interpreter "
+                        "(default: interpret when TRITON_INTERPRET=1, else cuda)")
+
     b = sub.add_parser("bench", help="time eager, Inductor and moec on a model in one process",
                        description="Time the model eagerly, under torch.compile(backend='inductor') and "
                                    "under moec.compile, each warmed up, and check moec's output against eager. "
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.command == "inspect":
             return inspect_main(opts)
+        if opts.command == "codegen":
+            return codegen_main(opts)
         return bench.bench_main(opts)
     except (SpecError, bench.BenchError) as e:
         return _fail(str(e))
@@ -117,6 +129,27 @@ def inspect_main(opts) -> int:
     if opts.graph:
         for i, graph in enumerate(report.graphs):
             print(f"\n--- graph {i} ---\n{graph}")
+    return 0
+
+
+def codegen_main(opts) -> int:
+    from moec.codegen.emit import layer_source
+    from moec.codegen.layers import graph_layer_specs
+    from moec.models.spec import load_spec
+
+    with contextlib.redirect_stdout(sys.stderr):
+        model, args, _ = load_spec(opts.spec)
+        specs = graph_layer_specs(model, *args, target=opts.target)
+    if not specs:
+        return _fail(f"no MoE layer found in {opts.spec} (`moec inspect {opts.spec}` says why)")
+    chosen = range(len(specs))
+    if opts.layer is not None:
+        if not 0 <= opts.layer < len(specs):
+            return _fail(f"--layer {opts.layer} is out of range: {opts.spec} has {len(specs)} MoE layers (0-{len(specs) - 1})")
+        chosen = [opts.layer]
+    for i in chosen:
+        print(f"# moec codegen {opts.spec} --layer {i} (MoE layer {i} of {len(specs)}, in graph order)")
+        print(layer_source(specs[i]))
     return 0
 
 

@@ -14,6 +14,7 @@ only; their tests bound it.
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -35,6 +36,11 @@ def load_target(target: str) -> str | None:
     module = importlib.import_module(_MODULES[namespace])
     if namespace == "moec_triton":
         ok, why = module.available()
+        if not ok and os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available():
+            # The user asked for the interpreter, but triton was imported before the variable was
+            # set (torch._dynamo imports it): rebind triton.language's helpers to interpreted ones.
+            module.enable_interpreter()
+            ok, why = module.available()
         if not ok:
             raise RuntimeError(f"moec: target 'triton' cannot run here: {why}")
     return namespace

@@ -194,3 +194,25 @@ def test_bench_writes_json(tmp_path, capsys):
         assert len(r["times_ms"]) == 2 and r["median_ms"] > 0 and r["speedup_vs_eager"] > 0
     moec_row = rows[-1]
     assert moec_row["ok"] and moec_row["compile_s"] >= 0 and moec_row["rel_err"] <= 1e-4
+
+
+# --- codegen ---------------------------------------------------------------------------------
+
+def test_codegen_prints_the_layer_kernels_from_the_ir(capsys):
+    assert main(["codegen", "hf:gpt_oss", "--layer", "1", "--target", "interpret"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# moec codegen hf:gpt_oss --layer 1 (MoE layer 1 of 2")
+    # GPT-OSS's layer, read off the lowered graph: top-k then softmax, router bias, clamped SwiGLU
+    # on interleaved gate/up columns with expert biases.
+    for needle in ("router_kind='topk_softmax'", "has_router_bias=True", "activation='clamped_swiglu'",
+                   "interleaved=True", "limit=7.0", "has_bias_in=True", "has_bias_out=True", "@triton.jit"):
+        assert needle in out, needle
+    compile(out, "<codegen>", "exec")  # the printed module is valid Python
+
+
+def test_codegen_all_layers_and_bad_layer(capsys):
+    assert main(["codegen", "builtin:shared-expert"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# moec codegen builtin:shared-expert --layer") == 2
+    rc = main(["codegen", "builtin:shared-expert", "--layer", "7"])
+    assert_user_error(rc, capsys.readouterr().err, "--layer 7", "2 MoE layers")
