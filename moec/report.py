@@ -75,7 +75,7 @@ class Report:
                 "num_shared_experts", "activation"]
         heads = ["layer", "experts", "top_k", "hidden", "expert_hidden", "router", "shared", "activation"]
         rows = [[str(getattr(layer, c)) for c in cols] for layer in self.moe_layers]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
         lines.append(

@@ -42,13 +42,9 @@ MODES = [pytest.param(False, id="eval"), pytest.param(True, id="train")]
 @pytest.mark.parametrize("arch,impl", CASES)
 def test_compiled_matches_eager(checks, arch, impl, train):
     model, args = make_hf_model(arch, experts_implementation=impl)
-    # Switch: dynamo gives up on transformers' output-capturing wrapper of the encoder (a
-    # TypeError while tracing it, with or without moec: plain torch.compile makes 11 graphs), so
-    # the call splits into 3 frames. No break falls inside an MoE layer: checked below.
-    whole = arch != "switch_transformers"
-    checks.compiled_matches_eager(model, args, train=train, output=primary_output, single_graph=whole)
-    if not whole:
-        assert checks.graph_breaks() == {} and checks.graph_count() <= 3
+    # Switch gets its attention mask (see make_hf_model): without one, transformers builds it only
+    # when not compiling and dynamo gives up on the encoder frame.
+    checks.compiled_matches_eager(model, args, train=train, output=primary_output)
 
 
 @pytest.mark.parametrize("arch,impl", CASES)
