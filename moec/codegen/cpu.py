@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moec.ir.lowered import gate_reference, permute_reference
+from moec.ir.lowered import FAKES, gate_reference, permute_reference, register_autograd
 from moec.ir.ops import GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -213,14 +213,6 @@ def gate(
     return weights_TK.contiguous(), idx_TK.contiguous(), counts_E
 
 
-@gate.register_fake
-def _(x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling):
-    shape = (*x.shape[:-1], top_k)
-    num_experts = x.shape[-1] if router_weight is None else router_weight.shape[0]
-    return (x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64),
-            x.new_empty(num_experts, dtype=torch.int64))
-
-
 @torch.library.custom_op("moec_cpu::gate_backward", mutates_args=())
 def gate_backward(
     grad_weights: Tensor,
@@ -282,32 +274,6 @@ def _route_grad(d_out_TK: Tensor, logits_TE: Tensor, correction_bias: Optional[T
     return d_probs_TE * probs_TE * (1 - probs_TE)
 
 
-@gate_backward.register_fake
-def _(grad_weights, x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups,
-      renormalize, scaling):
-    def like(t):
-        return grad_weights.new_empty(0) if t is None else torch.empty_like(t)
-
-    return like(x), like(router_weight), like(router_bias)
-
-
-def _gate_setup(ctx, inputs, output):
-    x, router_weight, router_bias, correction_bias, *attrs = inputs
-    ctx.save_for_backward(x, router_weight, router_bias, correction_bias)
-    ctx.attrs = attrs
-
-
-def _gate_bwd(ctx, grad_weights, grad_idx, grad_counts):
-    x, router_weight, router_bias, correction_bias = ctx.saved_tensors
-    gx, gw, gb = torch.ops.moec_cpu.gate_backward(grad_weights, x, router_weight, router_bias, correction_bias,
-                                                  *ctx.attrs)
-    return (gx, gw if router_weight is not None else None, gb if router_bias is not None else None,
-            None, None, None, None, None, None, None)
-
-
-gate.register_autograd(_gate_bwd, setup_context=_gate_setup)
-
-
 # ----------------------------------------------------------------------------------------------
 # permute
 # ----------------------------------------------------------------------------------------------
@@ -318,12 +284,6 @@ def permute(idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """Slots grouped by expert, stable in slot order: (token_N, slot_N). One stable sort of the
     N expert ids (the reference's; it is already the fast form on CPU)."""
     return permute_reference(idx, counts)
-
-
-@permute.register_fake
-def _(idx, counts):
-    n = idx.numel()
-    return idx.new_empty(n), idx.new_empty(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,11 +305,6 @@ def grouped_gemm(
     return out_NO
 
 
-@grouped_gemm.register_fake
-def _(x, token_idx, counts, w, b, transposed):
-    return x.new_empty(_out_rows(x, token_idx), _out_width(w, transposed))
-
-
 @torch.library.custom_op("moec_cpu::grouped_gemm_backward", mutates_args=())
 def grouped_gemm_backward(
     grad_out: Tensor, x: Tensor, token_idx: Optional[Tensor], counts: Tensor, w: Tensor, b: Optional[Tensor],
@@ -364,27 +319,6 @@ def grouped_gemm_backward(
         d_x_ND[start:end] = _weight_grads(grad_out[start:end], x_ND[start:end], w, d_w, e,
                                           None if b is None else d_b, transposed)
     return _scatter_rows(d_x_ND, x, token_idx), d_w, d_b
-
-
-@grouped_gemm_backward.register_fake
-def _(grad_out, x, token_idx, counts, w, b, transposed):
-    return torch.empty_like(x), torch.empty_like(w), _empty_grad(grad_out, b, zero=False)
-
-
-def _gg_setup(ctx, inputs, output):
-    x, token_idx, counts, w, b, transposed = inputs
-    ctx.save_for_backward(x, token_idx, counts, w, b)
-    ctx.transposed = transposed
-
-
-def _gg_bwd(ctx, grad_out):
-    x, token_idx, counts, w, b = ctx.saved_tensors
-    gx, gw, gb = torch.ops.moec_cpu.grouped_gemm_backward(grad_out.contiguous(), x, token_idx, counts, w, b,
-                                                          ctx.transposed)
-    return gx, None, None, gw, gb if b is not None else None, None
-
-
-grouped_gemm.register_autograd(_gg_bwd, setup_context=_gg_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,35 +337,12 @@ def activation(h: Tensor, activation: str, interleaved: bool, alpha: float, limi
     return out_MI.reshape(*h.shape[:-1], out_MI.shape[-1])
 
 
-@activation.register_fake
-def _(h, activation, interleaved, alpha, limit):
-    return h.new_empty(*h.shape[:-1], _act_width(h.shape[-1], activation))
-
-
 @torch.library.custom_op("moec_cpu::activation_backward", mutates_args=())
 def activation_backward(grad_out: Tensor, h: Tensor, activation: str, interleaved: bool, alpha: float,
                         limit: float) -> Tensor:
     h_MF = h.reshape(-1, h.shape[-1])
     grad_MI = grad_out.reshape(h_MF.shape[0], -1)
     return _act_grad(grad_MI, h_MF, activation, interleaved, alpha, limit).reshape(h.shape)
-
-
-@activation_backward.register_fake
-def _(grad_out, h, activation, interleaved, alpha, limit):
-    return torch.empty_like(h)
-
-
-def _act_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.attrs = inputs[1:]
-
-
-def _act_bwd(ctx, grad_out):
-    (h,) = ctx.saved_tensors
-    return torch.ops.moec_cpu.activation_backward(grad_out, h, *ctx.attrs), None, None, None, None
-
-
-activation.register_autograd(_act_bwd, setup_context=_act_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,11 +375,6 @@ def grouped_gemm_act(
     return a_NI
 
 
-@grouped_gemm_act.register_fake
-def _(x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
-    return x.new_empty(_out_rows(x, token_idx), _act_width(_out_width(w_in, transposed), activation))
-
-
 @torch.library.custom_op("moec_cpu::grouped_gemm_act_backward", mutates_args=())
 def grouped_gemm_act_backward(
     grad_out: Tensor,
@@ -495,27 +401,6 @@ def grouped_gemm_act_backward(
         d_h_MF = _act_grad(grad_out[start:end], h_MF, activation, interleaved, alpha, limit)
         d_x_ND[start:end] = _weight_grads(d_h_MF, x_MD, w_in, d_w, e, None if b_in is None else d_b, transposed)
     return _scatter_rows(d_x_ND, x, token_idx), d_w, d_b
-
-
-@grouped_gemm_act_backward.register_fake
-def _(grad_out, x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
-    return torch.empty_like(x), torch.empty_like(w_in), _empty_grad(grad_out, b_in, zero=False)
-
-
-def _gga_setup(ctx, inputs, output):
-    x, token_idx, counts, w_in, b_in, *attrs = inputs
-    ctx.save_for_backward(x, token_idx, counts, w_in, b_in)
-    ctx.attrs = attrs
-
-
-def _gga_bwd(ctx, grad_out):
-    x, token_idx, counts, w_in, b_in = ctx.saved_tensors
-    gx, gw, gb = torch.ops.moec_cpu.grouped_gemm_act_backward(grad_out.contiguous(), x, token_idx, counts, w_in,
-                                                              b_in, *ctx.attrs)
-    return (gx, None, None, gw, gb if b_in is not None else None) + (None,) * 5
-
-
-grouped_gemm_act.register_autograd(_gga_bwd, setup_context=_gga_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,11 +433,6 @@ def grouped_gemm_combine(
         y_MH.mul_(weight_M[start:end, None])
         out_TH.index_add_(0, token_M[start:end], y_MH)
     return out_TH
-
-
-@grouped_gemm_combine.register_fake
-def _(a, slot_idx, counts, w_out, b_out, weights, transposed):
-    return a.new_empty(weights.numel() // weights.shape[-1], _out_width(w_out, transposed))
 
 
 @torch.library.custom_op("moec_cpu::grouped_gemm_combine_backward", mutates_args=())
@@ -591,26 +471,10 @@ def grouped_gemm_combine_backward(
     return d_a.reshape(a_shape), d_w, d_b, d_weights.reshape(weights.shape)
 
 
-@grouped_gemm_combine_backward.register_fake
-def _(grad_out, a, slot_idx, counts, w_out, b_out, weights, transposed):
-    return (torch.empty_like(a), torch.empty_like(w_out), _empty_grad(grad_out, b_out, zero=False),
-            torch.empty_like(weights))
-
-
-def _ggc_setup(ctx, inputs, output):
-    a, slot_idx, counts, w_out, b_out, weights, transposed = inputs
-    ctx.save_for_backward(a, slot_idx, counts, w_out, b_out, weights)
-    ctx.transposed = transposed
-
-
-def _ggc_bwd(ctx, grad_out):
-    a, slot_idx, counts, w_out, b_out, weights = ctx.saved_tensors
-    ga, gw, gb, gweights = torch.ops.moec_cpu.grouped_gemm_combine_backward(
-        grad_out.contiguous(), a, slot_idx, counts, w_out, b_out, weights, ctx.transposed
-    )
-    return ga, None, None, gw, gb if b_out is not None else None, gweights, None
-
-
-grouped_gemm_combine.register_autograd(_ggc_bwd, setup_context=_ggc_setup)
-
 CPU_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
+
+for _name in ['gate', 'gate_backward', 'permute', 'grouped_gemm', 'grouped_gemm_backward', 'activation', 'activation_backward', 'grouped_gemm_act', 'grouped_gemm_act_backward', 'grouped_gemm_combine', 'grouped_gemm_combine_backward']:
+    globals()[_name].register_fake(FAKES[_name])
+
+register_autograd("moec_cpu", {"gate": gate, "grouped_gemm": grouped_gemm, "activation": activation,
+                              "grouped_gemm_act": grouped_gemm_act, "grouped_gemm_combine": grouped_gemm_combine})

@@ -50,6 +50,7 @@ from torch.library import triton_op, wrap_triton
 import moec.ir.lowered  # noqa: F401  (registers moec::gate_backward, the gate's backward)
 from moec.codegen import cache
 from moec.codegen.spec import KernelSpec, default_target, dtype_name
+from moec.ir.lowered import FAKES, register_autograd
 from moec.ir.ops import GATED_ACTIVATIONS
 
 FORWARD_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
@@ -334,30 +335,7 @@ def gate_backward(
         renormalize, scaling))
 
 
-@gate_backward.register_fake
-def _(grad_weights, x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups,
-      renormalize, scaling):
-    def like(t):
-        return grad_weights.new_empty(0) if t is None else torch.empty_like(t)
-
-    return like(x), like(router_weight), like(router_bias)
-
-
-def _gate_setup(ctx, inputs, output):
-    x, router_weight, router_bias, correction_bias, *attrs = inputs
-    ctx.save_for_backward(x, router_weight, router_bias, correction_bias)
-    ctx.attrs = attrs
-
-
-def _gate_bwd(ctx, grad_weights, grad_idx, grad_counts):
-    x, router_weight, router_bias, correction_bias = ctx.saved_tensors
-    gx, gw, gb = torch.ops.moec_triton.gate_backward(grad_weights, x, router_weight, router_bias, correction_bias,
-                                                     *ctx.attrs)
-    return (gx, gw if router_weight is not None else None, gb if router_bias is not None else None,
-            None, None, None, None, None, None, None)
-
-
-gate.register_autograd(_gate_bwd, setup_context=_gate_setup)
+gate_backward.register_fake(FAKES["gate_backward"])
 
 
 @_register("permute")
@@ -410,21 +388,6 @@ def _gemm_input_grads(dh, x, x2, token_idx, counts, w, b, transposed):
     return dx, dw, db
 
 
-def _gg_setup(ctx, inputs, output):
-    x, token_idx, counts, w, b, transposed = inputs
-    ctx.save_for_backward(x, token_idx, counts, w, b)
-    ctx.transposed = transposed
-
-
-def _gg_bwd(ctx, grad_out):
-    x, token_idx, counts, w, b = ctx.saved_tensors
-    gx, gw, gb = torch.ops.moec_triton.grouped_gemm_backward(grad_out, x, token_idx, counts, w, b, ctx.transposed)
-    return gx, None, None, gw, gb if b is not None else None, None
-
-
-grouped_gemm.register_autograd(_gg_bwd, setup_context=_gg_setup)
-
-
 @_register("activation")
 def activation(h: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> Tensor:
     """The expert activation on [rows, F]: [rows, I] (gated) or [rows, F]."""
@@ -445,19 +408,6 @@ def activation_backward(grad_out: Tensor, h: Tensor, activation: str, interleave
                         limit: float) -> Tensor:
     dh = _activation_backward_rows(_rows(grad_out), _rows(h), activation, interleaved, alpha, limit)
     return dh.reshape(h.shape)
-
-
-def _act_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.attrs = inputs[1:]
-
-
-def _act_bwd(ctx, grad_out):
-    (h,) = ctx.saved_tensors
-    return torch.ops.moec_triton.activation_backward(grad_out, h, *ctx.attrs), None, None, None, None
-
-
-activation.register_autograd(_act_bwd, setup_context=_act_setup)
 
 
 @_register("grouped_gemm_act")
@@ -514,22 +464,6 @@ def grouped_gemm_act_backward(
     h = _grouped_gemm(x2, token_idx, counts, w_in, b_in, transposed)
     dh = _activation_backward_rows(grad_out.contiguous(), h, activation, interleaved, alpha, limit)
     return _gemm_input_grads(dh, x, x2, token_idx, counts, w_in, b_in, transposed)
-
-
-def _gga_setup(ctx, inputs, output):
-    x, token_idx, counts, w_in, b_in, *attrs = inputs
-    ctx.save_for_backward(x, token_idx, counts, w_in, b_in)
-    ctx.attrs = attrs
-
-
-def _gga_bwd(ctx, grad_out):
-    x, token_idx, counts, w_in, b_in = ctx.saved_tensors
-    gx, gw, gb = torch.ops.moec_triton.grouped_gemm_act_backward(grad_out, x, token_idx, counts, w_in, b_in,
-                                                                 *ctx.attrs)
-    return (gx, None, None, gw, gb if b_in is not None else None) + (None,) * 5
-
-
-grouped_gemm_act.register_autograd(_gga_bwd, setup_context=_gga_setup)
 
 
 @_register("grouped_gemm_combine")
@@ -594,19 +528,5 @@ def grouped_gemm_combine_backward(
     da, dw, db = _gemm_input_grads(dy, a, a2, None, counts, w_out, b_out, transposed)
     return da, dw, db, dweights.reshape(weights.shape).to(weights.dtype)
 
-
-def _ggc_setup(ctx, inputs, output):
-    a, slot_idx, counts, w_out, b_out, weights, transposed = inputs
-    ctx.save_for_backward(a, slot_idx, counts, w_out, b_out, weights)
-    ctx.transposed = transposed
-
-
-def _ggc_bwd(ctx, grad_out):
-    a, slot_idx, counts, w_out, b_out, weights = ctx.saved_tensors
-    ga, gw, gb, gweights = torch.ops.moec_triton.grouped_gemm_combine_backward(
-        grad_out, a, slot_idx, counts, w_out, b_out, weights, ctx.transposed
-    )
-    return ga, None, None, gw, gb if b_out is not None else None, gweights, None
-
-
-grouped_gemm_combine.register_autograd(_ggc_bwd, setup_context=_ggc_setup)
+register_autograd("moec_triton", {"gate": gate, "grouped_gemm": grouped_gemm, "activation": activation,
+                              "grouped_gemm_act": grouped_gemm_act, "grouped_gemm_combine": grouped_gemm_combine})

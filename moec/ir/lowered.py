@@ -147,7 +147,7 @@ def _gate_num_experts(x, router_weight):
 
 
 @gate.register_fake
-def _(x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling):
+def _gate_fake(x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling):
     shape = (*x.shape[:-1], top_k)
     return (x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64),
             x.new_empty(_gate_num_experts(x, router_weight), dtype=torch.int64))
@@ -177,29 +177,12 @@ def gate_backward(
 
 
 @gate_backward.register_fake
-def _(grad_weights, x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups,
+def _gate_backward_fake(grad_weights, x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups,
       renormalize, scaling):
     def like(t):
         return grad_weights.new_empty(0) if t is None else torch.empty_like(t)
 
     return like(x), like(router_weight), like(router_bias)
-
-
-def _gate_setup(ctx, inputs, output):
-    x, router_weight, router_bias, correction_bias, *attrs = inputs
-    ctx.save_for_backward(x, router_weight, router_bias, correction_bias)
-    ctx.attrs = attrs
-
-
-def _gate_bwd(ctx, grad_weights, grad_idx, grad_counts):
-    x, router_weight, router_bias, correction_bias = ctx.saved_tensors
-    gx, gw, gb = torch.ops.moec.gate_backward(grad_weights, x, router_weight, router_bias, correction_bias,
-                                              *ctx.attrs)
-    return (gx, gw if router_weight is not None else None, gb if router_bias is not None else None,
-            None, None, None, None, None, None, None)
-
-
-gate.register_autograd(_gate_bwd, setup_context=_gate_setup)
 
 
 @torch.library.custom_op("moec::permute", mutates_args=())
@@ -209,7 +192,7 @@ def permute(idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @permute.register_fake
-def _(idx, counts):
+def _permute_fake(idx, counts):
     n = idx.numel()
     return idx.new_empty(n), idx.new_empty(n)
 
@@ -223,7 +206,7 @@ def grouped_gemm(
 
 
 @grouped_gemm.register_fake
-def _(x, token_idx, counts, w, b, transposed):
+def _grouped_gemm_fake(x, token_idx, counts, w, b, transposed):
     return x.new_empty(_out_rows(x, token_idx), w.shape[-1] if transposed else w.shape[-2])
 
 
@@ -245,23 +228,8 @@ def _like(ref: Tensor, t: Optional[Tensor]) -> Tensor:
 
 
 @grouped_gemm_backward.register_fake
-def _(grad_out, x, token_idx, counts, w, b, transposed):
+def _grouped_gemm_backward_fake(grad_out, x, token_idx, counts, w, b, transposed):
     return _like(grad_out, x), _like(grad_out, w), _like(grad_out, b)
-
-
-def _gg_setup(ctx, inputs, output):
-    x, token_idx, counts, w, b, transposed = inputs
-    ctx.save_for_backward(x, token_idx, counts, w, b)
-    ctx.transposed = transposed
-
-
-def _gg_bwd(ctx, grad_out):
-    x, token_idx, counts, w, b = ctx.saved_tensors
-    gx, gw, gb = torch.ops.moec.grouped_gemm_backward(grad_out, x, token_idx, counts, w, b, ctx.transposed)
-    return gx, None, None, gw, gb if b is not None else None, None
-
-
-grouped_gemm.register_autograd(_gg_bwd, setup_context=_gg_setup)
 
 
 @torch.library.custom_op("moec::activation", mutates_args=())
@@ -271,7 +239,7 @@ def activation(h: Tensor, activation: str, interleaved: bool, alpha: float, limi
 
 
 @activation.register_fake
-def _(h, activation, interleaved, alpha, limit):
+def _activation_fake(h, activation, interleaved, alpha, limit):
     from moec.ir.ops import GATED_ACTIVATIONS
 
     width = h.shape[-1] // 2 if activation in GATED_ACTIVATIONS else h.shape[-1]
@@ -285,21 +253,8 @@ def activation_backward(grad_out: Tensor, h: Tensor, activation: str, interleave
 
 
 @activation_backward.register_fake
-def _(grad_out, h, activation, interleaved, alpha, limit):
+def _activation_backward_fake(grad_out, h, activation, interleaved, alpha, limit):
     return torch.empty_like(h)
-
-
-def _act_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.attrs = inputs[1:]
-
-
-def _act_bwd(ctx, grad_out):
-    (h,) = ctx.saved_tensors
-    return torch.ops.moec.activation_backward(grad_out, h, *ctx.attrs), None, None, None, None
-
-
-activation.register_autograd(_act_bwd, setup_context=_act_setup)
 
 
 @torch.library.custom_op("moec::grouped_gemm_act", mutates_args=())
@@ -321,7 +276,7 @@ def grouped_gemm_act(
 
 
 @grouped_gemm_act.register_fake
-def _(x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
+def _grouped_gemm_act_fake(x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
     from moec.ir.ops import GATED_ACTIVATIONS
 
     width = w_in.shape[-1] if transposed else w_in.shape[-2]
@@ -354,23 +309,8 @@ def grouped_gemm_act_backward(
 
 
 @grouped_gemm_act_backward.register_fake
-def _(grad_out, x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
+def _grouped_gemm_act_backward_fake(grad_out, x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
     return _like(grad_out, x), _like(grad_out, w_in), _like(grad_out, b_in)
-
-
-def _gga_setup(ctx, inputs, output):
-    x, token_idx, counts, w_in, b_in, *attrs = inputs
-    ctx.save_for_backward(x, token_idx, counts, w_in, b_in)
-    ctx.attrs = attrs
-
-
-def _gga_bwd(ctx, grad_out):
-    x, token_idx, counts, w_in, b_in = ctx.saved_tensors
-    gx, gw, gb = torch.ops.moec.grouped_gemm_act_backward(grad_out, x, token_idx, counts, w_in, b_in, *ctx.attrs)
-    return (gx, None, None, gw, gb if b_in is not None else None) + (None,) * 5
-
-
-grouped_gemm_act.register_autograd(_gga_bwd, setup_context=_gga_setup)
 
 
 @torch.library.custom_op("moec::grouped_gemm_combine", mutates_args=())
@@ -388,7 +328,7 @@ def grouped_gemm_combine(
 
 
 @grouped_gemm_combine.register_fake
-def _(a, slot_idx, counts, w_out, b_out, weights, transposed):
+def _grouped_gemm_combine_fake(a, slot_idx, counts, w_out, b_out, weights, transposed):
     return a.new_empty(weights.numel() // weights.shape[-1], w_out.shape[-1] if transposed else w_out.shape[-2])
 
 
@@ -412,24 +352,103 @@ def grouped_gemm_combine_backward(
 
 
 @grouped_gemm_combine_backward.register_fake
-def _(grad_out, a, slot_idx, counts, w_out, b_out, weights, transposed):
+def _grouped_gemm_combine_backward_fake(grad_out, a, slot_idx, counts, w_out, b_out, weights, transposed):
     return _like(grad_out, a), _like(grad_out, w_out), _like(grad_out, b_out), torch.empty_like(weights)
 
 
-def _ggc_setup(ctx, inputs, output):
-    a, slot_idx, counts, w_out, b_out, weights, transposed = inputs
-    ctx.save_for_backward(a, slot_idx, counts, w_out, b_out, weights)
+# The fakes of every op above by name, shared by the implementations in other namespaces.
+FAKES = {name: globals()[f"_{name}_fake"] for name in ['gate', 'gate_backward', 'permute', 'grouped_gemm', 'grouped_gemm_backward', 'activation', 'activation_backward', 'grouped_gemm_act', 'grouped_gemm_act_backward', 'grouped_gemm_combine', 'grouped_gemm_combine_backward']}
+
+LOWERED_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
+
+# ----------------------------------------------------------------------------------------------
+# Autograd, shared by every namespace: the backward of ``ns::op`` is ``ns::op_backward``
+# ----------------------------------------------------------------------------------------------
+# Each entry: (setup(ctx, inputs) -> saved tensors, and backward(ctx, backward_op, grads) -> input grads).
+
+
+def _gate_setup(ctx, inputs):
+    x, router_weight, router_bias, correction_bias, *attrs = inputs
+    ctx.attrs = attrs
+    return x, router_weight, router_bias, correction_bias
+
+
+def _gate_bwd(ctx, backward_op, grad_weights, grad_idx, grad_counts):
+    x, router_weight, router_bias, correction_bias = ctx.saved_tensors
+    gx, gw, gb = backward_op(grad_weights.contiguous(), x, router_weight, router_bias, correction_bias, *ctx.attrs)
+    return (gx, gw if router_weight is not None else None, gb if router_bias is not None else None) + (None,) * 7
+
+
+def _gg_setup(ctx, inputs):
+    x, token_idx, counts, w, b, transposed = inputs
     ctx.transposed = transposed
+    return x, token_idx, counts, w, b
 
 
-def _ggc_bwd(ctx, grad_out):
+def _gg_bwd(ctx, backward_op, grad_out):
+    x, token_idx, counts, w, b = ctx.saved_tensors
+    gx, gw, gb = backward_op(grad_out.contiguous(), x, token_idx, counts, w, b, ctx.transposed)
+    return gx, None, None, gw, gb if b is not None else None, None
+
+
+def _act_setup(ctx, inputs):
+    ctx.attrs = inputs[1:]
+    return (inputs[0],)
+
+
+def _act_bwd(ctx, backward_op, grad_out):
+    (h,) = ctx.saved_tensors
+    return (backward_op(grad_out.contiguous(), h, *ctx.attrs),) + (None,) * 4
+
+
+def _gga_setup(ctx, inputs):
+    x, token_idx, counts, w_in, b_in, *attrs = inputs
+    ctx.attrs = attrs
+    return x, token_idx, counts, w_in, b_in
+
+
+def _gga_bwd(ctx, backward_op, grad_out):
+    x, token_idx, counts, w_in, b_in = ctx.saved_tensors
+    gx, gw, gb = backward_op(grad_out.contiguous(), x, token_idx, counts, w_in, b_in, *ctx.attrs)
+    return (gx, None, None, gw, gb if b_in is not None else None) + (None,) * 5
+
+
+def _ggc_setup(ctx, inputs):
+    a, slot_idx, counts, w_out, b_out, weights, transposed = inputs
+    ctx.transposed = transposed
+    return a, slot_idx, counts, w_out, b_out, weights
+
+
+def _ggc_bwd(ctx, backward_op, grad_out):
     a, slot_idx, counts, w_out, b_out, weights = ctx.saved_tensors
-    ga, gw, gb, gweights = torch.ops.moec.grouped_gemm_combine_backward(
-        grad_out, a, slot_idx, counts, w_out, b_out, weights, ctx.transposed
-    )
+    ga, gw, gb, gweights = backward_op(grad_out.contiguous(), a, slot_idx, counts, w_out, b_out, weights,
+                                       ctx.transposed)
     return ga, None, None, gw, gb if b_out is not None else None, gweights, None
 
 
-grouped_gemm_combine.register_autograd(_ggc_bwd, setup_context=_ggc_setup)
+_AUTOGRAD = {
+    "gate": (_gate_setup, _gate_bwd),
+    "grouped_gemm": (_gg_setup, _gg_bwd),
+    "activation": (_act_setup, _act_bwd),
+    "grouped_gemm_act": (_gga_setup, _gga_bwd),
+    "grouped_gemm_combine": (_ggc_setup, _ggc_bwd),
+}
 
-LOWERED_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
+
+def register_autograd(namespace: str, forward_ops: dict) -> None:
+    """Give each differentiable op of ``forward_ops`` (name -> the op object returned by
+    ``custom_op``/``triton_op``) the autograd formula above, calling ``namespace::<name>_backward``."""
+    for name, (setup, bwd) in _AUTOGRAD.items():
+        backward_op = getattr(getattr(torch.ops, namespace), f"{name}_backward").default
+
+        def setup_context(ctx, inputs, output, setup=setup):
+            ctx.save_for_backward(*setup(ctx, inputs))
+
+        def backward(ctx, *grads, bwd=bwd, backward_op=backward_op):
+            return bwd(ctx, backward_op, *grads)
+
+        forward_ops[name].register_autograd(backward, setup_context=setup_context)
+
+
+register_autograd("moec", {"gate": gate, "grouped_gemm": grouped_gemm, "activation": activation,
+                           "grouped_gemm_act": grouped_gemm_act, "grouped_gemm_combine": grouped_gemm_combine})
