@@ -48,6 +48,12 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 #   MKL    W x^T    15   43    22   12   8
 # so 2-5 rows take the MKL form and the rest oneDNN.
 _SKINNY_ROWS = (2, 5)
+# oneDNN's linear costs ~12 us per call before any work (measured: [256, 64] weight, 1 row: 13 us
+# against torch.mm's 3 us); below about 2^19 multiply-adds torch.mm is faster (tiny experts).
+_ONEDNN_MIN_MACS = 1 << 19
+# Up to this many output elements the epilogue (activation, routing weight, scatter) runs once over
+# all experts' rows: per-expert calls cost more than the extra [rows, width] buffer (256 KiB fp32).
+_BATCH_EPILOGUE_ELEMS = 1 << 16
 # Module switch so benchmarks can compare the oneDNN path with plain torch.mm in one process.
 use_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -76,7 +82,8 @@ def _linear(x_MD: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool) -> T
         # result is returned as a transposed view, which the callers' in-place ops accept.
         h_OM = torch.mm(w_OD, x_MD.t()) if b is None else torch.addmm(b[:, None], w_OD, x_MD.t())
         return h_OM.t()
-    if (use_onednn and x_MD.dtype in _ONEDNN_DTYPES and w_OD.dtype == x_MD.dtype and w_OD.is_contiguous()
+    if (use_onednn and x_MD.shape[0] * w_OD.numel() >= _ONEDNN_MIN_MACS
+            and x_MD.dtype in _ONEDNN_DTYPES and w_OD.dtype == x_MD.dtype and w_OD.is_contiguous()
             and x_MD.is_contiguous() and (b is None or b.dtype == x_MD.dtype)):
         return torch.ops.mkldnn._linear_pointwise(x_MD, w_OD, b, "none", [], "")
     return torch.mm(x_MD, w_OD.t()) if b is None else torch.addmm(b, x_MD, w_OD.t())
@@ -369,6 +376,12 @@ def grouped_gemm_act(
     x_ND = _gathered_rows(x, token_idx, total)
     a_NI = x.new_empty(_out_rows(x, token_idx), _act_width(_out_width(w_in, transposed), activation))
     a_NI[total:].zero_()
+    if len(spans) > 1 and total * a_NI.shape[1] <= _BATCH_EPILOGUE_ELEMS:
+        # Few rows: one activation over all experts' GEMM outputs instead of one per expert.
+        h_MF = torch.cat([_linear(x_ND[start:end], w_in[e], None if b_in is None else b_in[e], transposed)
+                          for e, start, end in spans])
+        _act_into(h_MF, a_NI[:total], activation, interleaved, alpha, limit)
+        return a_NI
     for e, start, end in spans:
         h_MF = _linear(x_ND[start:end], w_in[e], None if b_in is None else b_in[e], transposed)
         _act_into(h_MF, a_NI[start:end], activation, interleaved, alpha, limit)
@@ -428,6 +441,12 @@ def grouped_gemm_combine(
     weight_M = weights.reshape(-1).index_select(0, slot_M)
     token_M = torch.div(slot_M, K, rounding_mode="floor")
     out_TH = a.new_zeros(weights.numel() // K, _out_width(w_out, transposed))
+    if len(spans) > 1 and total * out_TH.shape[1] <= _BATCH_EPILOGUE_ELEMS:
+        # Few rows: one scale and one scatter for all experts instead of one per expert (the
+        # per-call cost dominates; the [rows, H] buffer is small).
+        y_MH = torch.cat([_linear(a[start:end], w_out[e], None if b_out is None else b_out[e], transposed)
+                          for e, start, end in spans])
+        return out_TH.index_add_(0, token_M, y_MH.mul_(weight_M[:, None]))
     for e, start, end in spans:
         y_MH = _linear(a[start:end], w_out[e], None if b_out is None else b_out[e], transposed)
         y_MH.mul_(weight_M[start:end, None])
