@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moec.codegen import cpu_native
 from moec.ir.lowered import FAKES, gate_reference, permute_reference, register_autograd
 from moec.ir.ops import GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check
 
@@ -54,6 +55,10 @@ _ONEDNN_MIN_MACS = 1 << 19
 # Up to this many output elements the epilogue (activation, routing weight, scatter) runs once over
 # all experts' rows: per-expert calls cost more than the extra [rows, width] buffer (256 KiB fp32).
 _BATCH_EPILOGUE_ELEMS = 1 << 16
+# Up to this many rows per expert the forward GEMMs run in ``cpu_native`` (matrix-vector products
+# streaming each weight once on all threads, one call per op); module switch for tests/benchmarks.
+_NATIVE_MAX_ROWS = 8
+use_native = True
 # Module switch so benchmarks can compare the oneDNN path with plain torch.mm in one process.
 use_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -87,6 +92,26 @@ def _linear(x_MD: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool) -> T
             and x_MD.is_contiguous() and (b is None or b.dtype == x_MD.dtype)):
         return torch.ops.mkldnn._linear_pointwise(x_MD, w_OD, b, "none", [], "")
     return torch.mm(x_MD, w_OD.t()) if b is None else torch.addmm(b, x_MD, w_OD.t())
+
+
+def _native_for(spans, x: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool):
+    """The native extension when its kernels apply: fp32, nn.Linear layout, at most
+    ``_NATIVE_MAX_ROWS`` rows per expert (matrix-vector territory), no autograd through the inputs."""
+    if not use_native or not spans or transposed or x.dtype != torch.float32 or w.dtype != torch.float32:
+        return None
+    if max(end - start for _, start, end in spans) > _NATIVE_MAX_ROWS or not w.is_contiguous():
+        return None
+    if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
+        return None
+    return cpu_native.load()
+
+
+def _spans_tensor(spans) -> Tensor:
+    return torch.tensor(spans, dtype=torch.int64)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=torch.float32) if t is None else t
 
 
 def _gathered_rows(x: Tensor, token_N: Optional[Tensor], total: int) -> Tensor:
@@ -213,8 +238,22 @@ def gate(
     renormalize: bool,
     scaling: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Router GEMM + top-k + counts. The routing is the reference code itself: it is a handful of
-    [T, E] ops, and sharing it keeps expert choices (ties included) identical to ``moec::gate``."""
+    """Router GEMM + top-k + counts. Softmax routers run the reference's own ops in the same order
+    without its generality (a few microseconds a call at one token); the others run the reference
+    code. Either way expert choices (ties included) and weights equal ``moec::gate``'s bitwise."""
+    if kind in ("softmax_topk", "top1", "topk_softmax"):
+        logits_TE = x if router_weight is None else F.linear(x, router_weight, router_bias)
+        if kind == "topk_softmax":
+            top_TK, idx_TK = logits_TE.float().topk(top_k, dim=-1)
+            weights_TK = top_TK.softmax(dim=-1)
+        else:
+            weights_TK, idx_TK = logits_TE.float().softmax(dim=-1).topk(top_k, dim=-1)
+        if renormalize:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if scaling != 1.0:
+            weights_TK = weights_TK * scaling
+        counts_E = torch.bincount(idx_TK.reshape(-1), minlength=logits_TE.shape[-1])
+        return weights_TK, idx_TK, counts_E
     weights_TK, idx_TK, counts_E = gate_reference(x, router_weight, router_bias, correction_bias, kind, top_k,
                                                   num_groups, topk_groups, renormalize, scaling)
     return weights_TK.contiguous(), idx_TK.contiguous(), counts_E
@@ -374,6 +413,10 @@ def grouped_gemm_act(
     intermediate of each expert lives only while that expert runs."""
     spans, total = _spans(counts)
     x_ND = _gathered_rows(x, token_idx, total)
+    native = _native_for(spans, x_ND, w_in, b_in, transposed)
+    if native is not None:
+        return native.gemv_act(x_ND, _spans_tensor(spans), w_in, _or_empty(b_in, x), cpu_native.ACT_CODES[activation],
+                               interleaved, alpha, limit, _out_rows(x, token_idx))
     a_NI = x.new_empty(_out_rows(x, token_idx), _act_width(_out_width(w_in, transposed), activation))
     a_NI[total:].zero_()
     if len(spans) > 1 and total * a_NI.shape[1] <= _BATCH_EPILOGUE_ELEMS:
@@ -440,6 +483,10 @@ def grouped_gemm_combine(
     slot_M = slot_idx[:total]
     weight_M = weights.reshape(-1).index_select(0, slot_M)
     token_M = torch.div(slot_M, K, rounding_mode="floor")
+    native = _native_for(spans, a, w_out, b_out, transposed)
+    if native is not None:
+        return native.gemv_combine(a.contiguous(), _spans_tensor(spans), w_out, _or_empty(b_out, a),
+                                   weight_M.float().contiguous(), token_M.contiguous(), weights.numel() // K)
     out_TH = a.new_zeros(weights.numel() // K, _out_width(w_out, transposed))
     if len(spans) > 1 and total * out_TH.shape[1] <= _BATCH_EPILOGUE_ELEMS:
         # Few rows: one scale and one scatter for all experts instead of one per expert (the
