@@ -412,11 +412,13 @@ def grouped_gemm_act(
     """``activation(grouped_gemm(x, token_idx, counts, w_in, b_in))`` in one op: the [M, F]
     intermediate of each expert lives only while that expert runs."""
     spans, total = _spans(counts)
-    x_ND = _gathered_rows(x, token_idx, total)
-    native = _native_for(spans, x_ND, w_in, b_in, transposed)
+    native = _native_for(spans, x, w_in, b_in, transposed)
     if native is not None:
-        return native.gemv_act(x_ND, _spans_tensor(spans), w_in, _or_empty(b_in, x), cpu_native.ACT_CODES[activation],
-                               interleaved, alpha, limit, _out_rows(x, token_idx))
+        x_TD = x.reshape(-1, x.shape[-1]).contiguous()
+        token = token_idx if token_idx is not None else x_TD.new_empty(0, dtype=torch.int64)
+        return native.gemv_act(x_TD, token, _spans_tensor(spans), w_in, _or_empty(b_in, x),
+                               cpu_native.ACT_CODES[activation], interleaved, alpha, limit, _out_rows(x, token_idx))
+    x_ND = _gathered_rows(x, token_idx, total)
     a_NI = x.new_empty(_out_rows(x, token_idx), _act_width(_out_width(w_in, transposed), activation))
     a_NI[total:].zero_()
     if len(spans) > 1 and total * a_NI.shape[1] <= _BATCH_EPILOGUE_ELEMS:
@@ -480,13 +482,13 @@ def grouped_gemm_combine(
     K = weights.shape[-1]
     a = a.reshape(-1, a.shape[-1])
     spans, total = _spans(counts)
+    native = _native_for(spans, a, w_out, b_out, transposed)
+    if native is not None and weights.dtype == torch.float32:
+        return native.gemv_combine(a.contiguous(), _spans_tensor(spans), w_out, _or_empty(b_out, a),
+                                   weights.contiguous(), slot_idx.contiguous(), K, weights.numel() // K)
     slot_M = slot_idx[:total]
     weight_M = weights.reshape(-1).index_select(0, slot_M)
     token_M = torch.div(slot_M, K, rounding_mode="floor")
-    native = _native_for(spans, a, w_out, b_out, transposed)
-    if native is not None:
-        return native.gemv_combine(a.contiguous(), _spans_tensor(spans), w_out, _or_empty(b_out, a),
-                                   weight_M.float().contiguous(), token_M.contiguous(), weights.numel() // K)
     out_TH = a.new_zeros(weights.numel() // K, _out_width(w_out, transposed))
     if len(spans) > 1 and total * out_TH.shape[1] <= _BATCH_EPILOGUE_ELEMS:
         # Few rows: one scale and one scatter for all experts instead of one per expert (the

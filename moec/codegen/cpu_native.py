@@ -14,12 +14,13 @@ both threads streaming disjoint rows of each weight.
 
 Kernels (fp32, nn.Linear weight layout ``w [E, out, in]``, contiguous):
 
-- ``gemv_act(x_MD, spans_S3, w_in_EFD, b_in_EF or empty, act, interleaved, alpha, limit, N) -> a_NI``:
-  for each span ``(expert, start, end)`` the rows ``x[start:end]`` times ``w_in[expert]``, plus the
-  bias, through the activation; rows past the last span are zero.
-- ``gemv_combine(a_NI, spans_S3, w_out_EHI, b_out_EH or empty, weight_N, token_N, T) -> out_TH``:
-  each row's expert output times its routing weight, summed into its token's row; a token's slots
-  are added in expert order, so the result is deterministic.
+- ``gemv_act(x_TD, token_N or empty, spans_S3, w_in_EFD, b_in_EF or empty, act, interleaved, alpha,
+  limit, N) -> a_NI``: for each span ``(expert, start, end)`` the rows ``start:end`` (gathered from
+  ``x`` by ``token_N``, in the kernel) times ``w_in[expert]``, plus the bias, through the activation;
+  rows past the last span are zero.
+- ``gemv_combine(a_NI, spans_S3, w_out_EHI, b_out_EH or empty, weights_TK, slot_N, K, T) -> out_TH``:
+  each row's expert output times its routing weight ``weights.flat[slot]``, summed into row
+  ``slot // K``; a token's slots are added in expert order, so the result is deterministic.
 
 Each output element is one dot product accumulated in fp32 in another order than BLAS: results
 agree with the references to fp32 rounding.
@@ -27,6 +28,7 @@ agree with the references to fp32 rounding.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Optional
 
@@ -79,9 +81,10 @@ constexpr int64_t kGrain = 16;  // output rows per task: each task streams kGrai
 
 }  // namespace
 
-torch::Tensor gemv_act(torch::Tensor x, torch::Tensor spans, torch::Tensor w, torch::Tensor b,
+torch::Tensor gemv_act(torch::Tensor x, torch::Tensor token, torch::Tensor spans, torch::Tensor w, torch::Tensor b,
                        int64_t act, bool interleaved, double alpha, double limit, int64_t N) {
   const int64_t D = x.size(1), F = w.size(1);
+  const int64_t* tk = token.numel() ? token.data_ptr<int64_t>() : nullptr;
   const bool is_gated = act <= 3;
   const int64_t I = is_gated ? F / 2 : F;
   auto out = torch::zeros({N, I}, x.options());
@@ -100,7 +103,7 @@ torch::Tensor gemv_act(torch::Tensor x, torch::Tensor spans, torch::Tensor w, to
         const int64_t gi = is_gated ? (interleaved ? 2 * i : i) : i;
         const int64_t ui = interleaved ? 2 * i + 1 : I + i;
         for (int64_t r = r0; r < r1; ++r) {
-          const float* xr = xp + r * D;
+          const float* xr = xp + (tk ? tk[r] : r) * D;
           float g = dot(we + gi * D, xr, D) + (be ? be[gi] : 0.f);
           float v;
           if (is_gated) {
@@ -118,14 +121,14 @@ torch::Tensor gemv_act(torch::Tensor x, torch::Tensor spans, torch::Tensor w, to
 }
 
 torch::Tensor gemv_combine(torch::Tensor a, torch::Tensor spans, torch::Tensor w, torch::Tensor b,
-                           torch::Tensor weight, torch::Tensor token, int64_t T) {
+                           torch::Tensor weights, torch::Tensor slot, int64_t K, int64_t T) {
   const int64_t I = a.size(1), H = w.size(1);
   auto out = torch::zeros({T, H}, a.options());
   const float* ap = a.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* bp = b.numel() ? b.data_ptr<float>() : nullptr;
-  const float* gp = weight.data_ptr<float>();
-  const int64_t* tp = token.data_ptr<int64_t>();
+  const float* gp = weights.data_ptr<float>();
+  const int64_t* slp = slot.data_ptr<int64_t>();
   const int64_t* sp = spans.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   for (int64_t s = 0; s < spans.size(0); ++s) {
@@ -137,7 +140,7 @@ torch::Tensor gemv_combine(torch::Tensor a, torch::Tensor spans, torch::Tensor w
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t r = r0; r < r1; ++r) {
           const float y = dot(we + h * I, ap + r * I, I) + (be ? be[h] : 0.f);
-          op[tp[r] * H + h] += gp[r] * y;
+          op[(slp[r] / K) * H + h] += gp[slp[r]] * y;
         }
       }
     });
@@ -161,8 +164,11 @@ def load():
     try:
         from torch.utils.cpp_extension import load_inline
 
+        # The source's hash in the name: each version builds in its own directory, so processes
+        # running different moec versions never load one another's library.
+        name = "moec_cpu_native_" + hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
         _module = load_inline(
-            "moec_cpu_native", cpp_sources=_SOURCE, functions=["gemv_act", "gemv_combine"],
+            name, cpp_sources=_SOURCE, functions=["gemv_act", "gemv_combine"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as err:  # no compiler, or it failed: the PyTorch path still works
