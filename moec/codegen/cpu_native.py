@@ -164,9 +164,13 @@ def load():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        # The source's hash in the name: each version builds in its own directory, so processes
-        # running different moec versions never load one another's library.
-        name = "moec_cpu_native_" + hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
+        import torch
+
+        # The source and the CPU's vector ISA in the name: each version builds in its own directory,
+        # so processes running different moec versions never load one another's library, and a
+        # -march=native build is not reused by a machine without the instructions it uses.
+        key = _SOURCE + torch.backends.cpu.get_cpu_capability()
+        name = "moec_cpu_native_" + hashlib.sha256(key.encode()).hexdigest()[:16]
         _module = load_inline(
             name, cpp_sources=_SOURCE, functions=["gemv_act", "gemv_combine"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
