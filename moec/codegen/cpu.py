@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moec.codegen import cpu_native
-from moec.ir.lowered import FAKES, gate_reference, permute_reference, register_autograd
+from moec.ir.lowered import (FAKES, act_width, gate_reference, out_rows, out_width, permute_reference,
+                              register_autograd)
 from moec.ir.ops import GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -119,18 +120,6 @@ def _gathered_rows(x: Tensor, token_N: Optional[Tensor], total: int) -> Tensor:
     if token_N is None:
         return x_MD[:total]
     return x_MD.index_select(0, token_N[:total])
-
-
-def _out_rows(x: Tensor, token_N: Optional[Tensor]) -> int:
-    return token_N.shape[0] if token_N is not None else x.numel() // x.shape[-1]
-
-
-def _out_width(w: Tensor, transposed: bool) -> int:
-    return w.shape[-1] if transposed else w.shape[-2]
-
-
-def _act_width(width: int, activation: str) -> int:
-    return width // 2 if activation in GATED_ACTIVATIONS else width
 
 
 def _halves(h_MF: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
@@ -344,7 +333,7 @@ def grouped_gemm(
     """Each expert's rows times its weight (+ bias): [rows, out]; rows past the counts are zero."""
     spans, total = _spans(counts)
     x_ND = _gathered_rows(x, token_idx, total)
-    out_NO = x.new_empty(_out_rows(x, token_idx), _out_width(w, transposed))
+    out_NO = x.new_empty(out_rows(x, token_idx), out_width(w, transposed))
     out_NO[total:].zero_()
     for e, start, end in spans:
         out_NO[start:end] = _linear(x_ND[start:end], w[e], None if b is None else b[e], transposed)
@@ -376,7 +365,7 @@ def grouped_gemm_backward(
 def activation(h: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> Tensor:
     """The expert activation on [rows, F]: [rows, I] (gated) or [rows, F]."""
     h_MF = h.reshape(-1, h.shape[-1])
-    out_MI = h.new_empty(h_MF.shape[0], _act_width(h.shape[-1], activation))
+    out_MI = h.new_empty(h_MF.shape[0], act_width(h.shape[-1], activation))
     # Gated activations overwrite their input's halves; the op's input is not ours to clobber.
     _act_into(h_MF.clone() if activation in GATED_ACTIVATIONS else h_MF, out_MI, activation, interleaved, alpha,
               limit)
@@ -417,9 +406,9 @@ def grouped_gemm_act(
         x_TD = x.reshape(-1, x.shape[-1]).contiguous()
         token = token_idx if token_idx is not None else x_TD.new_empty(0, dtype=torch.int64)
         return native.gemv_act(x_TD, token, _spans_tensor(spans), w_in, _or_empty(b_in, x),
-                               cpu_native.ACT_CODES[activation], interleaved, alpha, limit, _out_rows(x, token_idx))
+                               cpu_native.ACT_CODES[activation], interleaved, alpha, limit, out_rows(x, token_idx))
     x_ND = _gathered_rows(x, token_idx, total)
-    a_NI = x.new_empty(_out_rows(x, token_idx), _act_width(_out_width(w_in, transposed), activation))
+    a_NI = x.new_empty(out_rows(x, token_idx), act_width(out_width(w_in, transposed), activation))
     a_NI[total:].zero_()
     if len(spans) > 1 and total * a_NI.shape[1] <= _BATCH_EPILOGUE_ELEMS:
         # Few rows: one activation over all experts' GEMM outputs instead of one per expert.
@@ -489,7 +478,7 @@ def grouped_gemm_combine(
     slot_M = slot_idx[:total]
     weight_M = weights.reshape(-1).index_select(0, slot_M)
     token_M = torch.div(slot_M, K, rounding_mode="floor")
-    out_TH = a.new_zeros(weights.numel() // K, _out_width(w_out, transposed))
+    out_TH = a.new_zeros(weights.numel() // K, out_width(w_out, transposed))
     if len(spans) > 1 and total * out_TH.shape[1] <= _BATCH_EPILOGUE_ELEMS:
         # Few rows: one scale and one scatter for all experts instead of one per expert (the
         # per-call cost dominates; the [rows, H] buffer is small).

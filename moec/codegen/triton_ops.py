@@ -50,7 +50,7 @@ from torch.library import triton_op, wrap_triton
 import moec.ir.lowered  # noqa: F401  (registers moec::gate_backward, the gate's backward)
 from moec.codegen import cache
 from moec.codegen.spec import KernelSpec, default_target, dtype_name
-from moec.ir.lowered import FAKES, register_autograd
+from moec.ir.lowered import FAKES, act_width, out_rows, out_width, register_autograd
 from moec.ir.ops import GATED_ACTIVATIONS
 
 FORWARD_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
@@ -197,14 +197,14 @@ def _grouped_gemm(x2: Tensor, token_idx: Optional[Tensor], counts: Tensor, w: Te
                   transposed: bool) -> Tensor:
     """[rows, out] = each expert's (gathered) rows of x2 @ W_e (+ b_e); rows past the counts zero."""
     E = int(w.shape[0])
-    out_rows = token_idx.shape[0] if token_idx is not None else x2.shape[0]
-    out_dim = w.shape[2] if transposed else w.shape[1]
-    out = x2.new_zeros(out_rows, out_dim)
+    rows = out_rows(x2, token_idx)
+    out_dim = out_width(w, transposed)
+    out = x2.new_zeros(rows, out_dim)
     cfg = launch_config(x2.device, x2.dtype)
     expert_off, tile_off = _offsets(counts, cfg["BLOCK_M"])
     mod = _kernels("grouped_gemm", num_experts=E, dtype=dtype_name(x2.dtype))
     stride_wk, stride_wn = _w_strides(w, transposed)
-    grid = (_cdiv(out_rows, cfg["BLOCK_M"]) + E, _cdiv(out_dim, cfg["BLOCK_N"]))
+    grid = (_cdiv(rows, cfg["BLOCK_M"]) + E, _cdiv(out_dim, cfg["BLOCK_N"]))
     _launch(mod.moec_grouped_gemm_kernel, grid,
             x2, token_idx if token_idx is not None else expert_off, expert_off, tile_off, w,
             b if b is not None else w, out, x2.shape[1], out_dim, x2.stride(0), w.stride(0), stride_wk, stride_wn,
@@ -393,7 +393,7 @@ def activation(h: Tensor, activation: str, interleaved: bool, alpha: float, limi
     """The expert activation on [rows, F]: [rows, I] (gated) or [rows, F]."""
     h2 = _rows(h)
     M, F = h2.shape
-    width = F // 2 if activation in GATED_ACTIVATIONS else F
+    width = act_width(F, activation)
     out = h2.new_empty(M, width)
     cfg = launch_config(h.device, h.dtype)
     mod = _kernels("activation", **_act_spec_fields(h, activation, interleaved, alpha, limit))
@@ -427,16 +427,16 @@ def grouped_gemm_act(
     x2 = _rows(x)
     E = int(w_in.shape[0])
     gated = activation in GATED_ACTIVATIONS
-    F = w_in.shape[2] if transposed else w_in.shape[1]
-    width = F // 2 if gated else F
-    out_rows = token_idx.shape[0] if token_idx is not None else x2.shape[0]
-    out = x2.new_zeros(out_rows, width)
+    F = out_width(w_in, transposed)
+    width = act_width(F, activation)
+    rows = out_rows(x2, token_idx)
+    out = x2.new_zeros(rows, width)
     cfg = launch_config(x.device, x.dtype, gated=gated)
     expert_off, tile_off = _offsets(counts, cfg["BLOCK_M"])
     mod = _kernels("grouped_gemm_act", num_experts=E, has_bias_in=b_in is not None,
                    **_act_spec_fields(x, activation, interleaved, alpha, limit))
     stride_wk, stride_wn = _w_strides(w_in, transposed)
-    grid = (_cdiv(out_rows, cfg["BLOCK_M"]) + E, _cdiv(width, cfg["BLOCK_N"]))
+    grid = (_cdiv(rows, cfg["BLOCK_M"]) + E, _cdiv(width, cfg["BLOCK_N"]))
     _launch(mod.moec_grouped_gemm_act_kernel, grid,
             x2, token_idx if token_idx is not None else expert_off, expert_off, tile_off, w_in,
             b_in if b_in is not None else w_in, out, x2.shape[1], width, x2.stride(0), w_in.stride(0), stride_wk,

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moec.ir.ops import _apply_activation, _check, _grads, combine_reference, route_reference
+from moec.ir.ops import GATED_ACTIVATIONS, _apply_activation, _check, _grads, combine_reference, route_reference
 
 # ----------------------------------------------------------------------------------------------
 # References
@@ -85,7 +85,7 @@ def grouped_gemm_reference(
     transposed: bool,
 ) -> Tensor:
     x_ND = _rows(x, token_N)
-    out_dim = w.shape[-1] if transposed else w.shape[-2]
+    out_dim = out_width(w, transposed)
     parts, start = [], 0
     for e, count in enumerate(counts_E.tolist()):
         if count == 0:
@@ -114,8 +114,19 @@ def grouped_gemm_combine_reference(a_NI, slot_N, counts_E, w_out, b_out, weights
     return combine_reference(y_NH, slot_N, weights_TK)
 
 
-def _out_rows(x: Tensor, token_N: Optional[Tensor]) -> int:
+def out_rows(x: Tensor, token_N: Optional[Tensor]) -> int:
+    """Rows of a grouped op's output: one per gathered slot, else one per input row."""
     return token_N.shape[0] if token_N is not None else x.numel() // x.shape[-1]
+
+
+def out_width(w: Tensor, transposed: bool) -> int:
+    """Output width of a product with expert weight ``w`` in either layout."""
+    return w.shape[-1] if transposed else w.shape[-2]
+
+
+def act_width(width: int, activation: str) -> int:
+    """Width after the activation: gated activations halve it."""
+    return width // 2 if activation in GATED_ACTIVATIONS else width
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +218,7 @@ def grouped_gemm(
 
 @grouped_gemm.register_fake
 def _grouped_gemm_fake(x, token_idx, counts, w, b, transposed):
-    return x.new_empty(_out_rows(x, token_idx), w.shape[-1] if transposed else w.shape[-2])
+    return x.new_empty(out_rows(x, token_idx), out_width(w, transposed))
 
 
 @torch.library.custom_op("moec::grouped_gemm_backward", mutates_args=())
@@ -240,10 +251,7 @@ def activation(h: Tensor, activation: str, interleaved: bool, alpha: float, limi
 
 @activation.register_fake
 def _activation_fake(h, activation, interleaved, alpha, limit):
-    from moec.ir.ops import GATED_ACTIVATIONS
-
-    width = h.shape[-1] // 2 if activation in GATED_ACTIVATIONS else h.shape[-1]
-    return h.new_empty(*h.shape[:-1], width)
+    return h.new_empty(*h.shape[:-1], act_width(h.shape[-1], activation))
 
 
 @torch.library.custom_op("moec::activation_backward", mutates_args=())
@@ -277,12 +285,7 @@ def grouped_gemm_act(
 
 @grouped_gemm_act.register_fake
 def _grouped_gemm_act_fake(x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
-    from moec.ir.ops import GATED_ACTIVATIONS
-
-    width = w_in.shape[-1] if transposed else w_in.shape[-2]
-    if activation in GATED_ACTIVATIONS:
-        width = width // 2
-    return x.new_empty(_out_rows(x, token_idx), width)
+    return x.new_empty(out_rows(x, token_idx), act_width(out_width(w_in, transposed), activation))
 
 
 @torch.library.custom_op("moec::grouped_gemm_act_backward", mutates_args=())
@@ -329,7 +332,7 @@ def grouped_gemm_combine(
 
 @grouped_gemm_combine.register_fake
 def _grouped_gemm_combine_fake(a, slot_idx, counts, w_out, b_out, weights, transposed):
-    return a.new_empty(weights.numel() // weights.shape[-1], w_out.shape[-1] if transposed else w_out.shape[-2])
+    return a.new_empty(weights.numel() // weights.shape[-1], out_width(w_out, transposed))
 
 
 @torch.library.custom_op("moec::grouped_gemm_combine_backward", mutates_args=())
