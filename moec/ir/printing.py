@@ -13,7 +13,7 @@ import operator
 
 import torch
 
-from moec.ir.verify import moec_op_name, moec_op_namespace
+from moec.ir.verify import moec_op_name, moec_op_namespace, node_value
 
 
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.int64: "i64",
@@ -31,7 +31,7 @@ def format_moec_ops(gm: torch.fx.GraphModule) -> str:
                 return names[a]
             if a.op == "call_function" and a.target is operator.getitem and a.args[0] in names:
                 return f"{names[a.args[0]]}[{a.args[1]}]"
-            val = a.meta.get("val", a.meta.get("example_value"))
+            val = node_value(a)
             if isinstance(val, torch.Tensor):
                 return f"{_DTYPES.get(val.dtype, str(val.dtype))}{list(val.shape)}"
             return "%"

@@ -19,12 +19,14 @@ class IRError(ValueError):
     pass
 
 
-def _val(x):
+def node_value(x):
+    """The fake tensor (or SymInt) tracing recorded for a node, None if it recorded none; a
+    non-node argument is returned as is."""
     return x.meta.get("val", x.meta.get("example_value")) if isinstance(x, torch.fx.Node) else x
 
 
 def _route_rules(a):
-    logits, _bias, kind, top_k = _val(a[0]), a[1], a[2], a[3]
+    logits, _bias, kind, top_k = node_value(a[0]), a[1], a[2], a[3]
     yield kind in ops.ROUTER_KINDS, f"router kind {kind!r} is not one of {ops.ROUTER_KINDS}"
     if logits is not None:
         yield logits.is_floating_point(), "logits must be floating point"
@@ -32,7 +34,7 @@ def _route_rules(a):
 
 
 def _dispatch_rules(a):
-    idx = _val(a[0])
+    idx = node_value(a[0])
     if isinstance(a[1], int):
         yield a[1] >= 1, "num_experts must be positive"
     if idx is not None:
@@ -40,7 +42,7 @@ def _dispatch_rules(a):
 
 
 def _ffn_rules(a, stacked=True):
-    x, w_in, w_out = _val(a[0]), _val(a[3 if stacked else 1]), _val(a[4 if stacked else 2])
+    x, w_in, w_out = node_value(a[0]), node_value(a[3 if stacked else 1]), node_value(a[4 if stacked else 2])
     act = a[7 if stacked else 5]
     yield act in ops.ACTIVATIONS, f"activation {act!r} is not one of {ops.ACTIVATIONS}"
     if x is not None and w_in is not None and w_out is not None:
@@ -51,13 +53,13 @@ def _ffn_rules(a, stacked=True):
 
 
 def _combine_rules(a):
-    y, slot, w = _val(a[0]), _val(a[1]), _val(a[2])
+    y, slot, w = node_value(a[0]), node_value(a[1]), node_value(a[2])
     if y is not None and slot is not None and w is not None:
         yield y.shape[0] == slot.shape[0], "one expert output row per routed slot"
 
 
 def _gate_rules(a):
-    x, router_w, kind, top_k = _val(a[0]), _val(a[1]), a[4], a[5]
+    x, router_w, kind, top_k = node_value(a[0]), node_value(a[1]), a[4], a[5]
     yield kind in ops.ROUTER_KINDS, f"router kind {kind!r} is not one of {ops.ROUTER_KINDS}"
     if x is not None:
         E = x.shape[-1] if router_w is None else router_w.shape[0]
@@ -69,7 +71,7 @@ def _gate_rules(a):
 
 def _grouped_rules(x_pos, w_pos, act_pos=None):
     def rules(a):
-        x, w, counts = _val(a[x_pos]), _val(a[w_pos]), _val(a[2])
+        x, w, counts = node_value(a[x_pos]), node_value(a[w_pos]), node_value(a[2])
         if act_pos is not None:
             yield a[act_pos] in ops.ACTIVATIONS, f"activation {a[act_pos]!r} is not one of {ops.ACTIVATIONS}"
         if x is not None and w is not None:
@@ -83,7 +85,7 @@ def _grouped_rules(x_pos, w_pos, act_pos=None):
 
 def _grouped_combine_rules(a):
     yield from _grouped_rules(0, 3)(a)
-    rows, slot = _val(a[0]), _val(a[1])
+    rows, slot = node_value(a[0]), node_value(a[1])
     if rows is not None and slot is not None:
         yield rows.shape[0] == slot.shape[0], "one row per routed slot"
 

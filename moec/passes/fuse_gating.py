@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from moec.ir.verify import moec_op_name, node_value
 from moec.passes.util import getitems, mark, only_getitem_users, op, op_nodes, output
 
 NAME = "fuse_gating"
@@ -39,10 +40,6 @@ def _linear_args(logits: Node) -> tuple | None:
     if not all(isinstance(t, Node) or t is None for t in (x, w, b)) or w is None:
         return None
     return x, w, b
-
-
-def _val(n):
-    return n.meta.get("val", n.meta.get("example_value")) if isinstance(n, Node) else None
 
 
 def fuse_gating(gm: torch.fx.GraphModule, example_inputs=None) -> tuple[torch.fx.GraphModule, int]:
@@ -62,12 +59,9 @@ def fuse_gating(gm: torch.fx.GraphModule, example_inputs=None) -> tuple[torch.fx
             g.replace_all_uses_with(weights)
         for g in outs.get(1, []):
             g.replace_all_uses_with(idx)
-        for dispatch in list(op_nodes(gm, "dispatch")):
-            if dispatch.args[0] is not idx:
-                continue
-            logits_val = _val(logits if fused is None else w)
-            E = logits_val.shape[-1] if fused is None and logits_val is not None else (
-                logits_val.shape[0] if logits_val is not None else None)
+        known = node_value(logits if fused is None else w)  # [..., E] logits or the [E, H] router weight
+        E = None if known is None else (known.shape[-1] if fused is None else known.shape[0])
+        for dispatch in [u for u in idx.users if moec_op_name(u) == "dispatch" and u.args[0] is idx]:
             if E is not None and E != dispatch.args[1]:
                 continue
             with graph.inserting_before(dispatch):

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from moec.ir.verify import moec_op_name, moec_op_namespace, verify
+from moec.ir.verify import moec_op_name, moec_op_namespace, node_value, verify
 from moec.passes.fuse_activation import fuse_activation
 from moec.passes.fuse_combine import fuse_combine
 from moec.passes.fuse_gating import fuse_gating
@@ -68,7 +68,7 @@ def repropagate(gm: torch.fx.GraphModule) -> None:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    inputs = [n.meta.get("val", n.meta.get("example_value")) for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [node_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
     modes = {id(t.fake_mode): t.fake_mode for t in inputs if isinstance(t, FakeTensor)}
     if len(modes) != 1 or any(i is None for i in inputs):
         return  # a graph traced without fake values (hand-built in tests): nothing to re-propagate
