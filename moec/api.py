@@ -17,11 +17,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moec.backend import INNER_COMPILERS, TARGETS, moec_backend
-from moec.passes.pipeline import PASS_NAMES
+from moec.backend import check_options, moec_backend
+from moec.capture import capture_graphs, convert_model
 from moec.passes.select_impl import load_target
-from moec.capture import convert_model
-from moec.capture.hook import active
 from moec.report import Fallback, Report
 
 _COMPILE_OPTIONS = ("inner", "target", "disable", "dynamic", "fullgraph")
@@ -31,17 +29,10 @@ def compile(model: nn.Module, **options: Any):
     unknown = sorted(set(options) - set(_COMPILE_OPTIONS))
     if unknown:
         raise TypeError(f"moec.compile: unknown options {unknown}; known: {list(_COMPILE_OPTIONS)}")
-    inner = options.get("inner", "inductor")
-    if inner not in INNER_COMPILERS:
-        raise ValueError(f"moec.compile: unknown inner compiler {inner!r}; expected one of {INNER_COMPILERS}")
-    if options.get("target", "auto") not in TARGETS:
-        raise ValueError(f"moec.compile: unknown target {options['target']!r}; expected one of {TARGETS}")
-    unknown_passes = sorted(set(options.get("disable", ())) - set(PASS_NAMES))
-    if unknown_passes:
-        raise ValueError(f"moec.compile: unknown passes {unknown_passes} in disable; passes: {list(PASS_NAMES)}")
-    if options.get("target") == "triton":
+    backend_options = check_options({k: options[k] for k in ("inner", "target", "disable") if k in options},
+                                    "moec.compile")
+    if backend_options["target"] == "triton":
         load_target("triton")  # fail here, not inside dynamo, when no GPU or interpreter can run the kernels
-    backend_options = {k: options[k] for k in ("inner", "target", "disable") if k in options}
     if isinstance(model, nn.Module):
         convert_model(model)
     return torch.compile(
@@ -57,18 +48,9 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     if not isinstance(model, nn.Module):
         raise TypeError(f"moec.inspect: expected an nn.Module, got {type(model).__name__}")
     result = convert_model(model)
-    graphs: list[str] = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append(gm.print_readable(print_output=False))
-        return gm.forward
-
-    record._moec_backend = True
     counters = torch._dynamo.utils.counters
     before = dict(counters["graph_break"])
-    traced = torch._dynamo.optimize(record, dynamic=None)(model)
-    with active(), torch.no_grad():
-        traced(*args, **kwargs)
+    graphs = [gm.print_readable(print_output=False) for gm in capture_graphs(model, *args, **kwargs)]
     breaks = {k: v - before.get(k, 0) for k, v in counters["graph_break"].items() if v - before.get(k, 0) > 0}
     fallbacks = list(result.fallbacks)
     fallbacks += [Fallback("graph break", f"{reason.splitlines()[0]} (x{n})") for reason, n in breaks.items()]

@@ -29,7 +29,7 @@ import torch
 
 import moec.capture  # noqa: F401  (installs the capture hook)
 from moec.ir.verify import verify
-from moec.passes.pipeline import run_pipeline
+from moec.passes.pipeline import PASS_NAMES, run_pipeline
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
@@ -51,28 +51,40 @@ _OPTIONS = ("inner", "target", "disable")
 
 
 def resolve_target(target: str, example_inputs: list) -> str:
-    if target not in TARGETS:
-        raise ValueError(f"moec: unknown target {target!r}; expected one of {TARGETS}")
+    """A checked target (see ``check_options``), with "auto" decided by the inputs' device."""
     if target != "auto":
         return target
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     return "triton" if on_cuda else "cpu"
 
 
-def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None):
+def check_options(options: Optional[dict[str, Any]], who: str = "moec") -> dict[str, Any]:
+    """The backend options with their defaults, after checking each (``who`` prefixes the errors)."""
     options = dict(options or {})
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
-        raise ValueError(f"moec: unknown backend options {unknown}; known: {list(_OPTIONS)}")
-    inner = options.get("inner", "inductor")
+        raise ValueError(f"{who}: unknown backend options {unknown}; known: {list(_OPTIONS)}")
+    inner = options.setdefault("inner", "inductor")
     if inner not in INNER_COMPILERS:
-        raise ValueError(f"moec: unknown inner compiler {inner!r}; expected one of {INNER_COMPILERS}")
-    target = resolve_target(options.get("target", "auto"), example_inputs)
+        raise ValueError(f"{who}: unknown inner compiler {inner!r}; expected one of {INNER_COMPILERS}")
+    target = options.setdefault("target", "auto")
+    if target not in TARGETS:
+        raise ValueError(f"{who}: unknown target {target!r}; expected one of {TARGETS}")
+    options["disable"] = tuple(options.get("disable", ()))
+    unknown_passes = sorted(set(options["disable"]) - set(PASS_NAMES))
+    if unknown_passes:
+        raise ValueError(f"{who}: unknown passes {unknown_passes} in disable; passes: {list(PASS_NAMES)}")
+    return options
+
+
+def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None):
+    options = check_options(options)
+    target = resolve_target(options["target"], example_inputs)
     verify(gm)
-    gm, records = run_pipeline(gm, example_inputs, target=target, disable=tuple(options.get("disable", ())),
+    gm, records = run_pipeline(gm, example_inputs, target=target, disable=options["disable"],
                                check=os.environ.get("MOEC_CHECK") == "1")
     gm.meta["moec_passes"] = records
-    return lower(gm, example_inputs, inner)
+    return lower(gm, example_inputs, options["inner"])
 
 
 moec_backend._moec_backend = True

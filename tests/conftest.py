@@ -135,22 +135,3 @@ class Checks:
 def checks() -> Checks:
     return Checks()
 
-
-
-def capture_graphs(model: torch.nn.Module, *args: Any) -> list[torch.fx.GraphModule]:
-    """The dynamo graphs of one call of ``model`` with its MoE layers captured as moec ops, before
-    any moec pass (what the moec backend receives)."""
-    from moec.capture import convert_model
-    from moec.capture.hook import active
-
-    convert_model(model)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    record._moec_backend = True
-    with active(), torch.no_grad():
-        torch._dynamo.optimize(record)(model)(*args)
-    return graphs

@@ -2,5 +2,6 @@
 
 from moec.capture.convert import CaptureResult, convert_model  # noqa: F401
 from moec.capture.hook import install
+from moec.capture.trace import capture_graphs  # noqa: F401
 
 install()

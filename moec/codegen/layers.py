@@ -18,7 +18,7 @@ import torch
 from torch.fx import Node
 
 from moec.codegen.spec import KernelSpec
-from moec.ir.verify import moec_op_name
+from moec.ir.verify import moec_op_name, node_value
 
 
 def _producer(node: Node) -> Node:
@@ -39,10 +39,6 @@ def _nearest(node: Node, op: str) -> Node:
     raise ValueError(f"moec: no {op} feeds {node.name}; the graph is not a lowered moec graph")
 
 
-def _val(node: Any):
-    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, Node) else None
-
-
 def layer_specs(gm: torch.fx.GraphModule, target: str | None = None) -> list[KernelSpec]:
     specs = []
     for node in gm.graph.nodes:
@@ -51,9 +47,9 @@ def layer_specs(gm: torch.fx.GraphModule, target: str | None = None) -> list[Ker
         x, token_N, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit = node.args
         router = _producer(counts)
         combine = next((u for u in node.users if moec_op_name(u) == "grouped_gemm_combine"), None)
-        w_val = _val(w_in)
+        w_val = node_value(w_in)
         kw: dict[str, Any] = dict(
-            num_experts=w_val.shape[0] if w_val is not None else _val(counts).shape[0],
+            num_experts=w_val.shape[0] if w_val is not None else node_value(counts).shape[0],
             activation=activation, interleaved=interleaved, alpha=alpha, limit=limit, transposed=transposed,
             has_bias_in=b_in is not None, has_bias_out=combine is not None and combine.args[4] is not None,
             dtype=(w_val.dtype if w_val is not None else torch.float32), target=target,
@@ -73,20 +69,12 @@ def layer_specs(gm: torch.fx.GraphModule, target: str | None = None) -> list[Ker
 
 def graph_layer_specs(model: torch.nn.Module, *args: Any, target: str | None = None) -> list[KernelSpec]:
     """Capture ``model`` on ``args``, lower it with the pass pipeline, and read the layer specs."""
-    from moec.capture import convert_model
-    from moec.capture.hook import active
+    from moec.capture import capture_graphs
     from moec.passes.pipeline import run_pipeline
 
-    convert_model(model)
-    specs: list[KernelSpec] = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs):
-        lowered, _ = run_pipeline(gm, example_inputs, target="reference")
-        specs.extend(layer_specs(lowered, target))
-        return gm.forward
-
-    record._moec_backend = True
     torch._dynamo.reset()
-    with active(), torch.no_grad():
-        torch._dynamo.optimize(record)(model)(*args)
+    specs: list[KernelSpec] = []
+    for gm in capture_graphs(model, *args):
+        lowered, _ = run_pipeline(gm, target="reference")
+        specs.extend(layer_specs(lowered, target))
     return specs

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import moec
+from moec.capture import capture_graphs
 from moec.ir.printing import format_moec_ops
 from moec.models.builtin import BUILTIN_MODELS
 from moec.models.hf import make_hf_model, primary_output
 from moec.passes.pipeline import PASS_NAMES, check_graph, op_counts, passes, run_pipeline
-from tests.conftest import capture_graphs
 
 HF = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "switch_transformers"]
 
