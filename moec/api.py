@@ -4,7 +4,16 @@ Contract:
 - ``compile(model, **options)`` is ``torch.compile(model, backend=moec_backend, ...)`` after
   converting the model's MoE layers; options: ``inner`` ("inductor", "aot_eager", "eager"),
   ``target`` ("auto", "cpu", "triton", "reference"; see ``moec.backend``), ``disable`` (pass names),
-  ``dynamic`` and ``fullgraph`` (passed to torch.compile).
+  ``dynamic`` and ``fullgraph`` (passed to torch.compile); ``expert_parallel=True`` (inside an
+  initialised process group; ``group=`` narrows it, ``chunks=`` forces the pipeline depth instead
+  of the cost model's choice) shards every lowered MoE layer's experts over the group: each rank
+  feeds its own tokens and gets the unsharded model's output on them (``moec.passes.expert_parallel``).
+  The exchanges run on ``moec.runtime.ep_group(group, timeout_s)``, a group with moec's timeout
+  (``timeout_s``, else ``$MOEC_EP_TIMEOUT``, else 300 s; creating it is collective, so every rank
+  calls ``moec.compile``): a peer that dies or hangs makes a forward call raise
+  ``moec.runtime.CollectiveError`` within that time. The backward's exchanges raise the backend's
+  own error within the same time; wrap ``loss.backward()`` in ``moec.runtime.collective_errors``
+  for the same message.
 - ``inspect(model, *args, **kwargs)`` converts, traces the call once with dynamo (no lowering,
   the model's outputs are not used) and returns a ``Report``: the MoE layers found, the graph
   breaks of the whole call with their reasons, the layers left alone, and the captured graphs.
@@ -22,15 +31,23 @@ from moec.capture import capture_graphs, convert_model
 from moec.passes.select_impl import load_target
 from moec.report import Fallback, Report
 
-_COMPILE_OPTIONS = ("inner", "target", "disable", "dynamic", "fullgraph")
+_COMPILE_OPTIONS = ("inner", "target", "disable", "dynamic", "fullgraph", "expert_parallel", "group", "chunks",
+                    "timeout_s")
+_EP_OPTIONS = ("group", "chunks", "timeout_s")
 
 
 def compile(model: nn.Module, **options: Any):
     unknown = sorted(set(options) - set(_COMPILE_OPTIONS))
     if unknown:
         raise TypeError(f"moec.compile: unknown options {unknown}; known: {list(_COMPILE_OPTIONS)}")
-    backend_options = check_options({k: options[k] for k in ("inner", "target", "disable") if k in options},
-                                    "moec.compile")
+    backend_options = {k: options[k] for k in ("inner", "target", "disable") if k in options}
+    if options.get("expert_parallel", False):
+        backend_options["ep_group"] = _ep_group_name(options.get("group"), options.get("timeout_s"))
+        backend_options["ep_chunks"] = options.get("chunks", "auto")
+    elif any(k in options for k in _EP_OPTIONS):
+        raise TypeError(f"moec.compile: {', '.join(k for k in _EP_OPTIONS if k in options)} apply to expert "
+                        "parallelism; pass expert_parallel=True")
+    backend_options = check_options(backend_options, "moec.compile")
     if backend_options["target"] == "triton":
         load_target("triton")  # fail here, not inside dynamo, when no GPU or interpreter can run the kernels
     if isinstance(model, nn.Module):
@@ -42,6 +59,19 @@ def compile(model: nn.Module, **options: Any):
         dynamic=options.get("dynamic"),
         fullgraph=options.get("fullgraph", False),
     )
+
+
+def _ep_group_name(group, timeout_s) -> str:
+    import torch.distributed as dist
+
+    from moec.runtime.group import ep_group
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("moec.compile: expert_parallel=True needs torch.distributed initialised; call "
+                           "torch.distributed.init_process_group(...) on every rank first (torchrun sets it up)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"moec.compile: group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+    return ep_group(group, timeout_s).group_name
 
 
 def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:

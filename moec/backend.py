@@ -15,6 +15,9 @@ grouped-GEMM form and picks the implementation of the lowered ops by ``options["
 ``"auto"`` (default: ``"triton"`` when the graph's inputs are on a CUDA device, else ``"cpu"``),
 ``"cpu"``, ``"triton"`` or ``"reference"`` (the ops' plain-PyTorch bodies). ``options["disable"]``
 names passes to skip; ``MOEC_CHECK=1`` verifies the graph after every pass.
+``options["ep_group"]`` (a process group's ``group_name``) makes every lowered MoE layer expert
+parallel over that group, with its tokens in ``options["ep_chunks"]`` pipelined chunks ("auto":
+chosen by the cost model; an int forces it).
 
 Registered as the ``torch_dynamo_backends`` entry point ``moec``, so
 ``torch.compile(model, backend="moec", options={...})`` works without importing moec.
@@ -30,15 +33,22 @@ import torch
 import moec.capture  # noqa: F401  (installs the capture hook)
 from moec.ir.verify import verify
 from moec.passes.pipeline import PASS_NAMES, run_pipeline
+from moec.passes.schedule_overlap import is_issue
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
 
 def lower(gm: torch.fx.GraphModule, example_inputs: list, inner: str):
     if inner == "inductor":
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        # Inductor reuses a buffer once its last reader ran, but an issued all-to-all still reads
+        # its input (and fills its output) until its wait: with the waits moved late by
+        # schedule_overlap, reuse corrupted rows in flight (seen on gloo). Keep buffers apart.
+        in_flight = any(is_issue(n) for n in gm.graph.nodes)
+        with inductor_config.patch(allow_buffer_reuse=not in_flight):
+            return compile_fx(gm, example_inputs)
     if inner == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
@@ -47,7 +57,7 @@ def lower(gm: torch.fx.GraphModule, example_inputs: list, inner: str):
 
 
 TARGETS = ("auto", "cpu", "triton", "reference")
-_OPTIONS = ("inner", "target", "disable")
+_OPTIONS = ("inner", "target", "disable", "ep_group", "ep_chunks")
 
 
 def resolve_target(target: str, example_inputs: list) -> str:
@@ -74,7 +84,18 @@ def check_options(options: Optional[dict[str, Any]], who: str = "moec") -> dict[
     unknown_passes = sorted(set(options["disable"]) - set(PASS_NAMES))
     if unknown_passes:
         raise ValueError(f"{who}: unknown passes {unknown_passes} in disable; passes: {list(PASS_NAMES)}")
+    group = options.setdefault("ep_group", None)
+    if group is not None and not isinstance(group, str):
+        raise ValueError(f"{who}: ep_group must be a process group's name (group.group_name), got {group!r}")
+    chunks = options.setdefault("ep_chunks", "auto")
+    if chunks != "auto" and not (isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1):
+        raise ValueError(f"{who}: ep_chunks must be 'auto' or a positive int, got {chunks!r}")
     return options
+
+
+def chunk_chooser(chunks):
+    """The ``chunks`` argument of the expert_parallel pass for the ``ep_chunks`` option."""
+    return 1 if chunks == "auto" else chunks
 
 
 def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None):
@@ -82,9 +103,28 @@ def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Option
     target = resolve_target(options["target"], example_inputs)
     verify(gm)
     gm, records = run_pipeline(gm, example_inputs, target=target, disable=options["disable"],
-                               check=os.environ.get("MOEC_CHECK") == "1")
+                               check=os.environ.get("MOEC_CHECK") == "1", group_name=options["ep_group"],
+                               chunks=chunk_chooser(options["ep_chunks"]))
     gm.meta["moec_passes"] = records
-    return lower(gm, example_inputs, options["inner"])
+    compiled = lower(gm, example_inputs, options["inner"])
+    if options["ep_group"] is None or not any(is_issue(n) for n in gm.graph.nodes):
+        return compiled
+    return _with_collective_errors(compiled, options["ep_group"])
+
+
+def _with_collective_errors(compiled, group_name: str):
+    """The compiled graph, raising ``CollectiveError`` when a peer of its exchanges is lost."""
+    from moec.passes.expert_parallel import resolve_group
+    from moec.runtime.group import collective_errors, group_timeout_s
+
+    timeout_s = group_timeout_s(resolve_group(group_name))
+
+    def run(*args):
+        with collective_errors("the expert-parallel all-to-alls of a compiled graph", timeout_s):
+            return compiled(*args)
+
+    run._boxed_call = getattr(compiled, "_boxed_call", False)  # dynamo passes a list to boxed callables
+    return run
 
 
 moec_backend._moec_backend = True

@@ -1,8 +1,9 @@
 """The pass pipeline: an explicit, ordered list of named passes.
 
 Contract: ``run_pipeline(gm, example_inputs, target=..., disable=(), check=False)`` runs, in
-order, ``fuse_gating``, ``lower_grouped``, ``fuse_activation``, ``fuse_combine`` and
-``select_impl(target)`` on a captured graph and returns the graph and one ``PassRecord`` per pass
+order, ``fuse_gating``, ``lower_grouped``, ``fuse_activation``, ``fuse_combine``,
+``expert_parallel(group_name, chunks)`` (does nothing without a group), ``schedule_overlap`` (does
+nothing without collectives) and ``select_impl(target)`` on a captured graph and returns the graph and one ``PassRecord`` per pass
 (name, places changed, seconds, moec op counts before and after). A pass named in ``disable`` is
 skipped (recorded with ``skipped=True``). With ``check=True`` (tests, and ``MOEC_CHECK=1``) the
 verifier runs after every pass, including a fake-tensor re-propagation of the whole graph, so a
@@ -26,18 +27,22 @@ from moec.ir.verify import moec_op_name, moec_op_namespace, node_value, verify
 from moec.passes.fuse_activation import fuse_activation
 from moec.passes.fuse_combine import fuse_combine
 from moec.passes.fuse_gating import fuse_gating
+from moec.passes.expert_parallel import Chunks, expert_parallel
 from moec.passes.lower_grouped import lower_grouped
+from moec.passes.schedule_overlap import schedule_overlap
 from moec.passes.select_impl import select_impl
 
 PassFn = Callable[..., tuple[torch.fx.GraphModule, int]]
 
 
-def passes(target: str) -> list[tuple[str, PassFn]]:
+def passes(target: str, group_name: Optional[str] = None, chunks: Chunks = 1) -> list[tuple[str, PassFn]]:
     return [
         ("fuse_gating", fuse_gating),
         ("lower_grouped", lower_grouped),
         ("fuse_activation", fuse_activation),
         ("fuse_combine", fuse_combine),
+        ("expert_parallel", functools.partial(expert_parallel, group_name=group_name, chunks=chunks)),
+        ("schedule_overlap", schedule_overlap),
         ("select_impl", functools.partial(select_impl, target=target)),
     ]
 
@@ -89,12 +94,14 @@ def run_pipeline(
     target: str,
     disable: Sequence[str] = (),
     check: bool = False,
+    group_name: Optional[str] = None,
+    chunks: Chunks = 1,
 ) -> tuple[torch.fx.GraphModule, list[PassRecord]]:
     unknown = sorted(set(disable) - set(PASS_NAMES))
     if unknown:
         raise ValueError(f"moec: unknown passes {unknown} in disable; passes: {list(PASS_NAMES)}")
     records = []
-    for name, fn in passes(target):
+    for name, fn in passes(target, group_name, chunks):
         before = op_counts(gm)
         if name in disable:
             records.append(PassRecord(name, 0, 0.0, before, before, skipped=True))

@@ -49,6 +49,7 @@ import torch.distributed.nn.functional as dist_autograd
 from torch import Tensor
 
 import moec.ir.lowered  # noqa: F401  (registers the moec:: ops)
+from moec.runtime.group import collective_errors, group_timeout_s
 
 __all__ = ["contiguous_placement", "ep_moe"]
 
@@ -108,7 +109,17 @@ def _exchange_rows(rows_MD: Tensor, recv_splits: list[int], send_splits: list[in
                                                group=group)
 
 
-def ep_moe(
+def ep_moe(*args, group: Optional[dist.ProcessGroup] = None, **kwargs) -> Tensor:
+    """Dropless expert-parallel MoE layer on this rank's tokens: ``out_TH`` (see the module
+    docstring; arguments as ``_ep_moe``). ``impl`` names the namespace of the grouped-GEMM ops
+    (``moec`` reference or ``moec_cpu``). A peer that dies or hangs raises
+    ``moec.runtime.CollectiveError`` within ``group``'s timeout (use ``moec.runtime.ep_group`` for
+    a group with moec's timeout; the default group's is torch's, 30 minutes on gloo)."""
+    with collective_errors("the all-to-alls of ep_moe", group_timeout_s(group)):
+        return _ep_moe(*args, group=group, **kwargs)
+
+
+def _ep_moe(
     x_TH: Tensor,
     idx_TK: Tensor,
     weights_TK: Tensor,
@@ -126,9 +137,6 @@ def ep_moe(
     group: Optional[dist.ProcessGroup] = None,
     impl: str = "moec",
 ) -> Tensor:
-    """Dropless expert-parallel MoE layer on this rank's tokens: ``out_TH`` (see the module
-    docstring). ``impl`` names the namespace of the grouped-GEMM ops (``moec`` reference or
-    ``moec_cpu``)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "moec: expert parallelism needs torch.distributed initialised; call "

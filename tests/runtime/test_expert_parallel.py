@@ -16,16 +16,15 @@ Legend: W ranks, T tokens, H hidden, E experts, K top-k, F first-GEMM width, I e
 from __future__ import annotations
 
 import datetime
-import os
 import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moec.ir.ops import GATED_ACTIVATIONS
 from moec.runtime import contiguous_placement, ep_moe
+from moec.runtime.launch import spawn_gloo
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 H, I = 16, 8
@@ -134,24 +133,17 @@ def _compare(case: dict, world: int, rank: int, got: dict, ref: dict) -> None:
         torch.testing.assert_close(got[key], ref[key][local], **TOL, msg=lambda m: f"{where}, d{key}: {m}")
 
 
-def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)  # W ranks share 2 cores
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        results = {case["name"]: _run_rank(case, world, rank) for case in _cases(world)}
-        torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> dict:
+    return {case["name"]: _run_rank(case, world, rank) for case in _cases(world)}
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ep_moe_matches_single_process(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
+def test_ep_moe_matches_single_process(world):
+    results = spawn_gloo(_worker, world)
     for case in _cases(world):
         ref = _reference(case, world)
         for rank in range(world):
-            got = torch.load(tmp_path / f"rank{rank}.pt")[case["name"]]
+            got = results[rank][case["name"]]
             _compare(case, world, rank, got, ref)
 
 

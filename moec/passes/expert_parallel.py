@@ -1,0 +1,253 @@
+"""expert_parallel: shard each lowered MoE layer's experts over a process group.
+
+Contract: ``expert_parallel(gm, example_inputs, *, group_name, chunks)`` rewrites every lowered
+dropless layer ``permute -> grouped_gemm_act -> grouped_gemm_combine`` into an expert-parallel
+layer over the process group registered as ``group_name``: this rank computes only its own
+experts (contiguous placement: rank w owns experts ``[w*L, (w+1)*L)``) on the rows every rank
+sends it, and each rank's output is the unsharded layer's output on this rank's tokens. The
+collectives are functional collectives (``_c10d_functional.all_to_all_single`` issue nodes,
+``wait_tensor`` wait nodes), so the overlap scheduler (``moec.passes.schedule_overlap``) moves
+them by reordering nodes. ``chunks`` is the number of token chunks r, an int or a function of
+the layer's ``LayerInfo``; chunk c's exchanges and experts are independent of chunk c+1's. The
+pass emits the chunks in sequential order (each exchange waited for at once). Returns the graph
+and the number of layers sharded (also added to ``torch._dynamo.utils.counters["moec"]
+["expert_parallel_layers"]``); a second run finds no lowered layer left to shard.
+
+Preconditions: ``fuse_combine`` ran (the layer is the three lowered ops); ``torch.distributed``
+is initialised and the group is registered. Layers with an expert capacity keep the canonical
+route/dispatch/expert_ffn ops and stay replicated (each rank runs the whole layer on its tokens,
+which is the unsharded model's output on those tokens). The expert weights are sliced in the
+graph (``narrow``, a view): every rank still holds all experts' weights; gradients of the
+experts a rank does not own are zero there, so an all-reduce (sum) of gradients over the group
+gives the unsharded model's gradients on all ranks' tokens.
+
+Numerics: the experts see the same rows, grouped differently (rows from several ranks in one
+GEMM, chunked), so results match the unsharded layer to floating-point rounding, not bitwise.
+
+Pseudo-code, per layer (C chunks, W ranks, L local experts, all per-chunk lists of W split sizes)::
+
+    order_TK, local_TK, counts_WC = ep_route(idx_TK, E, W, C)
+    recv_WC = wait(all_to_all_single(counts_WC, [1]*W, [1]*W))
+    send, recv = counts_WC.tolist(), recv_WC.tolist()          # the layer's one host sync
+    for c in chunks:                                             # tensor_split pieces of x, order, local, weights
+        o_n = order[c].flatten()
+        xr_RH = wait(all_to_all_single_autograd(x[c][o_n // K], recv[:, c], send[:, c]))
+        lr_R1 = wait(all_to_all_single(local[c].reshape(-1, 1), recv[:, c], send[:, c]))
+        tok_R, slot_R, counts_L = dispatch(lr_R1, L)
+        a_RI = grouped_gemm_act(xr_RH, tok_R, counts_L, w_in[rank*L:][:L], ...)
+        yr_RH = grouped_gemm_combine(a_RI, slot_R, counts_L, w_out[rank*L:][:L], ..., ones_R1)   # back to arrival order
+        ys_nH = wait(all_to_all_single_autograd(yr_RH, send[:, c], recv[:, c]))
+        out[c] = combine(ys_nH, o_n, weights[c])
+    out_TH = cat(out)
+
+Legend: T tokens of this rank, K top-k, H hidden, E experts, W ranks, C chunks, L = E / W,
+R rows received for a chunk, n slots of a chunk, I expert hidden (after the activation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Callable, Optional, Union
+
+import torch
+from torch.fx import Node
+
+import moec.ir.parallel  # noqa: F401  (registers moec::ep_route)
+from moec.ir.ops import GATED_ACTIVATIONS
+from moec.ir.verify import moec_op_name, moec_op_namespace, node_value
+from moec.passes.util import getitems, mark, op, op_nodes
+
+NAME = "expert_parallel"
+
+A2A = torch.ops._c10d_functional.all_to_all_single.default
+A2A_AUTOGRAD = torch.ops._c10d_functional_autograd.all_to_all_single.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """What the chunk choice may depend on; None where tracing recorded no static value."""
+
+    index: int
+    tokens: Optional[int]
+    hidden: Optional[int]
+    num_experts: int
+    top_k: int
+    world: int
+    gated: bool
+    expert_hidden: Optional[int]
+    dtype: Optional[torch.dtype]
+
+
+Chunks = Union[int, Callable[[LayerInfo], int]]
+
+
+def resolve_group(group_name: str):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("moec: expert parallelism needs torch.distributed initialised; call "
+                           "torch.distributed.init_process_group(...) on every rank before compiling")
+    return _resolve_process_group(group_name)
+
+
+def _static(v) -> Optional[int]:
+    return v if isinstance(v, int) else None
+
+
+def _top_k(idx_TK: Node) -> int:
+    value = node_value(idx_TK)
+    if value is not None:
+        return value.shape[-1]
+    router = idx_TK.args[0]  # idx is output 1 of gate or route, whose top_k argument we read
+    return router.args[5] if moec_op_name(router) == "gate" else router.args[3]
+
+
+def _match(ggc: Node):
+    """(x, idx_TK, weights_TK, gga, ggc, permute) of a lowered dropless layer, else None."""
+    gga = ggc.args[0]
+    if not isinstance(gga, Node) or moec_op_name(gga) != "grouped_gemm_act" or moec_op_namespace(gga) != "moec":
+        return None
+    if len(gga.users) != 1:
+        return None
+    token_N, slot_N = gga.args[1], ggc.args[1]
+    if not all(isinstance(n, Node) and n.target is operator.getitem for n in (token_N, slot_N)):
+        return None
+    perm = token_N.args[0]
+    if slot_N.args[0] is not perm or moec_op_name(perm) != "permute" or token_N.args[1] != 0 or slot_N.args[1] != 1:
+        return None
+    idx_TK = perm.args[0]
+    return gga.args[0], idx_TK, ggc.args[5], gga, ggc, perm
+
+
+def expert_parallel(
+    gm: torch.fx.GraphModule,
+    example_inputs=None,
+    *,
+    group_name: Optional[str],
+    chunks: Chunks = 1,
+) -> tuple[torch.fx.GraphModule, int]:
+    if group_name is None:
+        return gm, 0
+    import torch.distributed as dist
+
+    group = resolve_group(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    graph, changed = gm.graph, 0
+    for ggc in op_nodes(gm, "grouped_gemm_combine"):
+        found = _match(ggc)
+        if found is None:
+            continue
+        x, idx_TK, weights_TK, gga, ggc, perm = found
+        w_in, b_in, w_out, b_out = gga.args[3], gga.args[4], ggc.args[3], ggc.args[4]
+        E = node_value(w_in).shape[0]
+        if E % world:
+            raise ValueError(
+                f"moec: expert parallelism over {world} ranks needs the number of experts to be a multiple of "
+                f"the world size, but MoE layer {changed} has {E} experts; use a group of a size dividing {E}"
+            )
+        x_val, K = node_value(x), _top_k(idx_TK)
+        info = LayerInfo(
+            index=changed, tokens=_static(x_val.shape[0]) if x_val is not None else None,
+            hidden=_static(x_val.shape[-1]) if x_val is not None else None, num_experts=E, top_k=K, world=world,
+            gated=gga.args[5] in GATED_ACTIVATIONS,
+            expert_hidden=_static(node_value(w_out).shape[-1 if not gga.args[6] else 1]),
+            dtype=x_val.dtype if x_val is not None else None,
+        )
+        C = chunks(info) if callable(chunks) else chunks
+        if not (isinstance(C, int) and C >= 1):
+            raise ValueError(f"moec: chunks must be a positive int, got {C!r}")
+        with graph.inserting_before(ggc):
+            out = _emit(graph, ggc, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out,
+                        E=E, K=K, world=world, rank=rank, chunks=C, group_name=group_name, layer=changed)
+        ggc.replace_all_uses_with(out)
+        graph.erase_node(ggc)
+        graph.erase_node(gga)
+        for users in getitems(perm).values():
+            for g in users:
+                if not g.users:
+                    graph.erase_node(g)
+        if not perm.users:
+            graph.erase_node(perm)
+        changed += 1
+    if changed:
+        _allow_split_sizes()
+        torch._dynamo.utils.counters["moec"]["expert_parallel_layers"] += changed
+    gm.recompile()
+    return gm, changed
+
+
+def _allow_split_sizes() -> None:
+    """Let the inner compiler trace the layer's ``.tolist()`` of received counts: dynamo's fake
+    mode refuses data-dependent scalars unless ``capture_scalar_outputs`` was set while tracing;
+    the split sizes become unbacked SymInts, bounded below by the ``torch._check`` nodes."""
+    context = torch._guards.TracingContext.try_get()
+    if context is not None and context.fake_mode is not None:
+        context.fake_mode.allow_scalar_outputs = True
+
+
+def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, E, K, world, rank, chunks,
+          group_name, layer) -> Node:
+    L = E // world
+    act, transposed, interleaved, alpha, limit = gga.args[5], gga.args[6], gga.args[7], gga.args[8], gga.args[9]
+
+    def call(fn, *args, stage, chunk=None, **kwargs):
+        node = mark(graph.call_function(fn, args, kwargs), NAME, like)
+        node.meta["moec"]["ep"] = {"layer": layer, "stage": stage, "chunk": chunk}
+        return node
+
+    def method(name, *args, stage, chunk=None):
+        node = mark(graph.call_method(name, args), NAME, like)
+        node.meta["moec"]["ep"] = {"layer": layer, "stage": stage, "chunk": chunk}
+        return node
+
+    def pieces(t, stage):
+        if chunks == 1:
+            return [t]
+        parts = call(torch.tensor_split, t, chunks, stage=stage)
+        return [call(operator.getitem, parts, c, stage=stage) for c in range(chunks)]
+
+    plan = call(op("ep_route"), idx_TK, E, world, chunks, stage="plan")
+    order_TK, local_TK, counts_WC = (call(operator.getitem, plan, i, stage="plan") for i in range(3))
+    recv_WC = call(WAIT, call(A2A, counts_WC, [1] * world, [1] * world, group_name, stage="counts"), stage="counts")
+    send_l, recv_l = method("tolist", counts_WC, stage="counts"), method("tolist", recv_WC, stage="counts")
+
+    def split_sizes(lists, c):
+        sizes = []
+        for w in range(world):
+            v = call(operator.getitem, call(operator.getitem, lists, w, stage="counts"), c, stage="counts")
+            call(torch._check, call(operator.ge, v, 0, stage="counts"), stage="counts")
+            sizes.append(v)
+        return sizes
+
+    w_in_l = call(torch.narrow, w_in, 0, rank * L, L, stage="weights")
+    w_out_l = call(torch.narrow, w_out, 0, rank * L, L, stage="weights")
+    b_in_l = None if b_in is None else call(torch.narrow, b_in, 0, rank * L, L, stage="weights")
+    b_out_l = None if b_out is None else call(torch.narrow, b_out, 0, rank * L, L, stage="weights")
+    weights_dtype = getattr(node_value(weights_TK), "dtype", torch.float32)
+
+    outs = []
+    for c, (x_c, order_c, local_c, weights_c) in enumerate(zip(
+            pieces(x, "plan"), pieces(order_TK, "plan"), pieces(local_TK, "plan"), pieces(weights_TK, "plan"))):
+        send, recv = split_sizes(send_l, c), split_sizes(recv_l, c)
+        order_n = call(torch.reshape, order_c, (-1,), stage="dispatch", chunk=c)
+        xs_nH = call(torch.index_select, x_c, 0, call(torch.div, order_n, K, rounding_mode="floor",
+                                                       stage="dispatch", chunk=c), stage="dispatch", chunk=c)
+        xr_RH = call(WAIT, call(A2A_AUTOGRAD, xs_nH, recv, send, group_name, stage="dispatch", chunk=c),
+                     stage="dispatch_wait", chunk=c)
+        ls_n1 = call(torch.reshape, local_c, (-1, 1), stage="dispatch", chunk=c)
+        lr_R1 = call(WAIT, call(A2A, ls_n1, recv, send, group_name, stage="dispatch", chunk=c),
+                     stage="dispatch_wait", chunk=c)
+        grouped = call(op("dispatch"), lr_R1, L, stage="experts", chunk=c)
+        tok_R, slot_R, counts_L = (call(operator.getitem, grouped, i, stage="experts", chunk=c) for i in range(3))
+        a_RI = call(op("grouped_gemm_act"), xr_RH, tok_R, counts_L, w_in_l, b_in_l, act, transposed, interleaved,
+                    alpha, limit, stage="experts", chunk=c)
+        ones_R1 = call(torch.ones_like, lr_R1, dtype=weights_dtype, stage="experts", chunk=c)
+        yr_RH = call(op("grouped_gemm_combine"), a_RI, slot_R, counts_L, w_out_l, b_out_l, ones_R1, transposed,
+                     stage="experts", chunk=c)
+        ys_nH = call(WAIT, call(A2A_AUTOGRAD, yr_RH, send, recv, group_name, stage="combine", chunk=c),
+                     stage="combine_wait", chunk=c)
+        outs.append(call(op("combine"), ys_nH, order_n, weights_c, stage="combine", chunk=c))
+    return outs[0] if chunks == 1 else call(torch.cat, outs, stage="combine")

@@ -1,0 +1,154 @@
+"""schedule_overlap on expert-parallel layers: node-order tests of the pipeline, and values
+unchanged by the reordering (bitwise).
+
+The graphs come from the builtin shared-expert model made expert parallel over a one-rank gloo
+group (the collectives are real, the graph is what W ranks would run), in 3 chunks.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moec
+from moec.capture import capture_graphs
+from moec.ir.verify import moec_op_name
+from moec.models.builtin import BUILTIN_MODELS
+from moec.passes.pipeline import run_pipeline
+from moec.passes.schedule_overlap import WAIT, is_issue, schedule_overlap
+
+CHUNKS = 3
+
+
+@pytest.fixture
+def group_name(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield dist.group.WORLD.group_name
+    finally:
+        dist.destroy_process_group()
+
+
+def _ep_graph(group_name, scheduled: bool):
+    torch._dynamo.reset()
+    model, args = BUILTIN_MODELS["shared-expert"]()
+    (gm,) = capture_graphs(model, *args)
+    disable = () if scheduled else ("schedule_overlap",)
+    gm, records = run_pipeline(gm, None, target="reference", group_name=group_name, chunks=CHUNKS, disable=disable)
+    return gm, {r.name: r.changes for r in records}
+
+
+def _layer0(gm):
+    """Positions of layer 0's nodes by role and chunk."""
+    roles: dict = {}
+    for pos, node in enumerate(gm.graph.nodes):
+        ep = node.meta.get("moec", {}).get("ep")
+        if moec_op_name(node) == "shared_expert" and "shared" not in roles:
+            roles["shared"] = pos
+        if ep is None or ep["layer"] != 0 or ep["chunk"] is None:
+            continue
+        c, role = ep["chunk"], None
+        if is_issue(node):
+            role = f"{ep['stage']}_issue"
+        elif node.target is WAIT:
+            role = ep["stage"]
+        elif moec_op_name(node) in ("grouped_gemm_act", "grouped_gemm_combine"):
+            role = moec_op_name(node)
+        if role:
+            roles.setdefault(role, {}).setdefault(c, []).append(pos)
+    return roles
+
+
+def test_expert_parallel_layers_and_chunks(group_name):
+    gm, changes = _ep_graph(group_name, scheduled=False)
+    assert changes["expert_parallel"] == 2  # both layers of the stack
+    roles = _layer0(gm)
+    assert sorted(roles["grouped_gemm_act"]) == list(range(CHUNKS))
+    for c in range(CHUNKS):
+        assert len(roles["dispatch_issue"][c]) == 2  # rows and local expert ids
+        assert len(roles["combine_issue"][c]) == 1
+
+
+def test_sequential_emission_waits_at_once(group_name):
+    gm, _ = _ep_graph(group_name, scheduled=False)
+    roles = _layer0(gm)
+    for c in range(CHUNKS):
+        for issue, wait in zip(roles["dispatch_issue"][c], roles["dispatch_wait"][c]):
+            assert wait == issue + 1
+        assert roles["combine_wait"][c] == [roles["combine_issue"][c][0] + 1]
+
+
+def test_overlapped_schedule_is_a_pipeline(group_name):
+    gm, changes = _ep_graph(group_name, scheduled=True)
+    assert changes["schedule_overlap"] > 0
+    r = _layer0(gm)
+    first = lambda role, c: min(r[role][c])  # noqa: E731
+    last = lambda role, c: max(r[role][c])  # noqa: E731
+    # every chunk's rows are on their way before the first expert GEMM
+    assert max(last("dispatch_issue", c) for c in range(CHUNKS)) < first("grouped_gemm_act", 0)
+    # the shared expert runs under the dispatch: after the first issue, before the first wait
+    assert first("dispatch_issue", 0) < r["shared"] < min(first("dispatch_wait", c) for c in range(CHUNKS))
+    for c in range(CHUNKS):
+        assert last("dispatch_wait", c) < first("grouped_gemm_act", c)
+        # the combine of chunk c is issued as soon as its experts finish ...
+        assert first("combine_issue", c) == last("grouped_gemm_combine", c) + 1
+        if c > 0:
+            # ... and chunk c's rows are waited for only after chunk c-1's experts ran
+            assert first("dispatch_wait", c) > last("grouped_gemm_combine", c - 1)
+    # combines are waited for after all expert work of the layer
+    assert min(first("combine_wait", c) for c in range(CHUNKS)) > max(
+        last("grouped_gemm_combine", c) for c in range(CHUNKS))
+
+
+def test_schedule_is_idempotent_and_graph_valid(group_name):
+    gm, _ = _ep_graph(group_name, scheduled=True)
+    gm.graph.lint()
+    before = [n.name for n in gm.graph.nodes]
+    gm, moved = schedule_overlap(gm)
+    assert moved == 0 and [n.name for n in gm.graph.nodes] == before
+
+
+def test_graph_without_collectives_left_alone():
+    model, args = BUILTIN_MODELS["shared-expert"]()
+    torch._dynamo.reset()
+    (gm,) = capture_graphs(model, *args)
+    before = [n.name for n in gm.graph.nodes]
+    gm, moved = schedule_overlap(gm)
+    assert moved == 0 and [n.name for n in gm.graph.nodes] == before
+
+
+def test_in_place_ops_are_barriers():
+    def f(x, y):
+        a = x * 2
+        a.add_(1)  # a barrier: nothing moves across it
+        return a + y
+
+    gm = torch.fx.symbolic_trace(f)
+    names = [n.name for n in gm.graph.nodes]
+    from moec.passes.schedule_overlap import schedule
+
+    assert [n.name for n in schedule(list(gm.graph.nodes))] == names
+
+
+@pytest.mark.parametrize("chunks", [1, CHUNKS])
+def test_schedule_preserves_values_bitwise(group_name, chunks):
+    model, args = BUILTIN_MODELS["shared-expert"]()
+    x = args[0].clone().requires_grad_(True)
+    results = []
+    for disable in ((), ("schedule_overlap",)):
+        torch._dynamo.reset()
+        for p in model.parameters():
+            p.grad = None
+        compiled = moec.compile(model, expert_parallel=True, chunks=chunks, inner="aot_eager", disable=disable)
+        out = compiled(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()]))
+        x.grad = None
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
+    assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
+    assert all(torch.equal(a, b) for a, b in zip(gp_a, gp_b))
+    torch.testing.assert_close(out_a, model(args[0]), rtol=1e-5, atol=1e-6)

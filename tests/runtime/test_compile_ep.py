@@ -1,0 +1,133 @@
+"""``moec.compile(model, expert_parallel=True)`` on real gloo process groups against the
+single-process model.
+
+Each rank feeds its own batch rows (uneven counts, one rank may have none) and must get the
+eager model's output on those rows; after ``loss = sum(out * cot)`` on every rank and a sum
+all-reduce of every parameter's gradient, the gradients must equal the eager model's on all rows
+with the concatenated cotangent (experts' gradients live on their owner rank, zeros elsewhere;
+replicated parameters' gradients are per-rank partial sums).
+
+One spawn per world size runs every case (spawning and compiling cost seconds); each case
+compiles a fresh model after ``torch._dynamo.reset()``.
+
+Tolerances: fp32, rtol 1e-4 and atol 1e-4 times the reference tensor's largest magnitude (1e-5 at
+least): the expert GEMMs group rows differently (rows of several ranks, chunks), so sums round
+differently, and an embedding's gradient sums many such rows.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moec
+from moec.models.hf import primary_output
+from moec.models.spec import load_spec
+from moec.runtime.launch import spawn_gloo
+
+
+
+def _close(got, want, msg):
+    atol = max(1e-5, 1e-4 * float(want.abs().max())) if want.numel() else 1e-5
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda m: f"{msg}: {m}")
+
+
+def _cases(world: int) -> list[dict]:
+    """``rows[r]``: batch rows of rank r; ``to_rank0``: router bias makes rank 0's experts win."""
+    uneven = [2, 1, 3, 1][:world]
+    cases = [
+        dict(name="moe-mlp", spec="builtin:moe-mlp", rows=uneven, chunks=1, inner="aot_eager"),
+        dict(name="stacked-bmm-all-to-rank0", spec="builtin:stacked-bmm", rows=uneven, chunks=2,
+             inner="aot_eager", to_rank0=True),
+        dict(name="shared-expert-rank-without-tokens", spec="builtin:shared-expert", rows=[2, 0, 1, 2][:world],
+             chunks=2, inner="aot_eager"),
+        dict(name="stacked-bmm-inductor", spec="builtin:stacked-bmm", rows=uneven, chunks=3, inner="inductor"),
+        dict(name="mixtral", spec="hf:mixtral", rows=[1] * world, chunks=1, inner="aot_eager"),
+        dict(name="deepseek_v3", spec="hf:deepseek_v3", rows=[1] * world, chunks=2, inner="aot_eager"),
+    ]
+    if world == 2:
+        cases += [
+            dict(name="sort-split", spec="builtin:sort-split", rows=uneven, chunks=1, inner="aot_eager"),
+            dict(name="qwen2_moe", spec="hf:qwen2_moe", rows=[1, 2], chunks=2, inner="aot_eager"),
+            dict(name="qwen3_moe", spec="hf:qwen3_moe", rows=[1, 1], chunks=1, inner="aot_eager"),
+            dict(name="olmoe", spec="hf:olmoe", rows=[1, 1], chunks=1, inner="aot_eager"),
+            dict(name="gpt_oss", spec="hf:gpt_oss", rows=[1, 1], chunks=2, inner="aot_eager"),
+            # Capacity-limited layers stay replicated: still the eager output on each rank's rows.
+            dict(name="switch_transformers", spec="hf:switch_transformers", rows=[1, 1], chunks=1,
+                 inner="aot_eager"),
+        ]
+    return cases
+
+
+def _build(case: dict, world: int):
+    """The model, the full batch (tuple of args) and the cotangent; the same in every process."""
+    model, args, _ = load_spec(case["spec"])
+    g = torch.Generator().manual_seed(zlib.crc32(case["name"].encode()) + world)
+    B = sum(case["rows"])
+    if case["spec"].startswith("builtin:"):
+        full = (torch.randn(B, *args[0].shape[1:], generator=g),)
+    else:
+        ids = torch.randint(3, 100, (B, args[0].shape[1]), generator=g)
+        full = (ids,) + tuple(torch.ones_like(ids) for _ in args[1:])
+    if case.get("to_rank0"):
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if name.endswith("router") or name.endswith("gate"):
+                    E = module.weight.shape[0]
+                    module.bias[: E // world] += 50.0
+    out = primary_output(model(*full))
+    cot = torch.randn(out.shape, generator=g)
+    return model, full, cot
+
+
+def _rows(case: dict, rank: int) -> slice:
+    start = sum(case["rows"][:rank])
+    return slice(start, start + case["rows"][rank])
+
+
+def _grads(model) -> dict:
+    return {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+def _run_rank(case: dict, world: int, rank: int) -> dict:
+    torch._dynamo.reset()
+    model, full, cot = _build(case, world)
+    mine = tuple(a[_rows(case, rank)] for a in full)
+    compiled = moec.compile(model, expert_parallel=True, chunks=case["chunks"], inner=case["inner"])
+    torch._dynamo.utils.counters["moec"].clear()
+    out = primary_output(compiled(*mine))
+    sharded = torch._dynamo.utils.counters["moec"]["expert_parallel_layers"]
+    # Every MoE layer is sharded but Switch's capacity-limited ones (rows per rank: 0 is fine).
+    assert (sharded == 0) == (case["name"] == "switch_transformers"), (case["name"], sharded)
+    (out * cot[_rows(case, rank)]).sum().backward()
+    grads = _grads(model)
+    for g in grads.values():
+        dist.all_reduce(g)
+    return dict(out=out.detach(), grads=grads)
+
+
+def _reference(case: dict, world: int) -> dict:
+    model, full, cot = _build(case, world)
+    out = primary_output(model(*full))
+    (out * cot).sum().backward()
+    return dict(out=out.detach(), grads=_grads(model))
+
+
+def _worker(rank: int, world: int) -> dict:
+    return {case["name"]: _run_rank(case, world, rank) for case in _cases(world)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_compiled_expert_parallel_matches_single_process(world):
+    results = spawn_gloo(_worker, world)
+    for case in _cases(world):
+        ref = _reference(case, world)
+        for rank in range(world):
+            got = results[rank][case["name"]]
+            where = f"{case['name']}, rank {rank}/{world}"
+            _close(got["out"], ref["out"][_rows(case, rank)], f"{where}, output")
+            for name, g in ref["grads"].items():
+                _close(got["grads"][name], g, f"{where}, d{name}")
