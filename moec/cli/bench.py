@@ -45,6 +45,8 @@ import torch._functorch.config
 import torch._inductor.config
 from torch import nn
 
+from moec.runtime.cost_model import cpu_model
+
 BACKENDS = ("eager", "inductor", "moec")
 BASELINES = ("eager", "inductor")
 DEFAULT_TOKENS = (128,)
@@ -96,16 +98,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
-    # platform.processor() is often empty or just "x86_64" on Linux; /proc/cpuinfo has the model.
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+_cpu_name = cpu_model
 
 
 def resize_args(model: nn.Module, args: tuple, tokens: int, generator: torch.Generator) -> tuple:

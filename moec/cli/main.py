@@ -1,4 +1,5 @@
-"""The ``moec`` command: ``moec inspect [SPEC]``, ``moec codegen [SPEC]`` and ``moec bench [SPEC]``.
+"""The ``moec`` command: ``moec inspect [SPEC]``, ``moec codegen [SPEC]``, ``moec bench [SPEC]`` and
+``moec optimize [SPEC] --world-size N``.
 
 Contract: ``main(argv)`` returns the exit status, it does not exit:
 
@@ -10,7 +11,7 @@ Contract: ``main(argv)`` returns the exit status, it does not exit:
 - 141 when the reader of stdout goes away (``moec inspect --graph | head``).
 
 Internal errors are not caught: their traceback is the bug report.
-``moec inspect --json`` writes nothing but one JSON document to stdout.
+``moec inspect --json`` and ``moec optimize --json`` write nothing but one JSON document to stdout.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import contextlib
 import os
 import sys
 
-from moec.cli import bench
+from moec.cli import bench, optimize
 from moec.models.spec import FORMS, SpecError
 
 SPEC_HELP = f"the model: {FORMS} (default: builtin:%s)"
@@ -85,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", default=",".join(bench.BACKENDS),
                    help="comma-separated subset of eager,inductor,moec to run; eager is the reference (default: %(default)s)")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+    o = sub.add_parser("optimize", help="choose each MoE layer's expert-parallel schedule with the cost model",
+                       description="Predict each MoE layer's expert-parallel forward time with moec's cost model "
+                                   "and choose its schedule: the number of chunks r pipelined (dispatch of chunk "
+                                   "i+1 and combine of chunk i-1 under the experts of chunk i), flat or "
+                                   "hierarchical all-to-all, shared expert under the dispatch. Prints the choice, "
+                                   "what overlaps what, the predicted times and why. Needs no GPU and runs nothing "
+                                   "distributed.")
+    optimize.add_arguments(o, SPEC_HELP % default)
     return parser
 
 
@@ -100,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             return inspect_main(opts)
         if opts.command == "codegen":
             return codegen_main(opts)
+        if opts.command == "optimize":
+            return optimize.optimize_main(opts)
         return bench.bench_main(opts)
-    except (SpecError, bench.BenchError) as e:
+    except (SpecError, bench.BenchError, optimize.OptimizeError) as e:
         return _fail(str(e))
     except BrokenPipeError:
         # `moec inspect --graph | head`: the reader left; stop quietly, as Unix tools do.

@@ -33,9 +33,16 @@ _MEMO: dict[Path, ModuleType] = {}
 _LOCK = threading.Lock()
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """moec's cache root: ``$MOEC_CACHE_DIR`` when set, else ``~/.cache/moec``. Kernels live in
+    ``cache_dir()``; other caches (``moec.runtime.cost_model``'s calibrations) in subfolders."""
     env = os.environ.get("MOEC_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "moec" / "kernels"
+    return Path(env) if env else Path.home() / ".cache" / "moec"
+
+
+def cache_dir() -> Path:
+    # Kernel files sit directly in $MOEC_CACHE_DIR, where they were before moec had other caches.
+    return cache_root() if os.environ.get("MOEC_CACHE_DIR") else cache_root() / "kernels"
 
 
 def path_for(spec: KernelSpec, group: str) -> Path:
