@@ -33,12 +33,15 @@ import torch
 import moec.capture  # noqa: F401  (installs the capture hook)
 from moec.ir.verify import verify
 from moec.passes.pipeline import PASS_NAMES, run_pipeline
-from moec.passes.schedule_overlap import is_issue
+from moec.passes.schedule_overlap import PostGradSchedule, is_issue, schedule_graph
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
 
-def lower(gm: torch.fx.GraphModule, example_inputs: list, inner: str):
+def lower(gm: torch.fx.GraphModule, example_inputs: list, inner: str, schedule: bool = False):
+    """Compile ``gm`` with the inner compiler; ``schedule``: also run ``schedule_overlap``'s
+    scheduler on the forward and backward graphs AOT autograd derives (graphs with collectives)."""
+    schedule = schedule and any(is_issue(n) for n in gm.graph.nodes)
     if inner == "inductor":
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
@@ -47,13 +50,28 @@ def lower(gm: torch.fx.GraphModule, example_inputs: list, inner: str):
         # its input (and fills its output) until its wait: with the waits moved late by
         # schedule_overlap, reuse corrupted rows in flight (seen on gloo). Keep buffers apart.
         in_flight = any(is_issue(n) for n in gm.graph.nodes)
-        with inductor_config.patch(allow_buffer_reuse=not in_flight):
+        patch = dict(allow_buffer_reuse=not in_flight)
+        if schedule:
+            patch["post_grad_custom_post_pass"] = PostGradSchedule()
+        with inductor_config.patch(**patch):
             return compile_fx(gm, example_inputs)
     if inner == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
+        if schedule:
+            return lookup_backend("aot_eager")(gm, example_inputs, fw_compiler=_scheduled, bw_compiler=_scheduled)
         return lookup_backend("aot_eager")(gm, example_inputs)
     return gm.forward
+
+
+def _scheduled(graph_module: torch.fx.GraphModule, inputs):
+    """aot_eager's forward/backward compiler with the overlap schedule: run the graph as is."""
+    from functorch.compile import make_boxed_func
+
+    if schedule_graph(graph_module.graph):
+        graph_module.recompile()
+    torch._dynamo.utils.counters["moec"]["scheduled_aot_graphs"] += 1
+    return make_boxed_func(graph_module.forward)
 
 
 TARGETS = ("auto", "cpu", "triton", "reference")
@@ -94,8 +112,30 @@ def check_options(options: Optional[dict[str, Any]], who: str = "moec") -> dict[
 
 
 def chunk_chooser(chunks):
-    """The ``chunks`` argument of the expert_parallel pass for the ``ep_chunks`` option."""
-    return 1 if chunks == "auto" else chunks
+    """The ``chunks`` argument of the expert_parallel pass for the ``ep_chunks`` option: an int
+    as given, or for "auto" the cost model's choice per layer (``auto_chunks``)."""
+    return auto_chunks if chunks == "auto" else chunks
+
+
+def auto_chunks(info) -> int:
+    """The pipeline depth the cost model (``moec.runtime.cost_model``) predicts fastest for a layer
+    (``moec.passes.expert_parallel.LayerInfo``), with this machine's stored calibration or the
+    assumed defaults, ranks per node from ``LOCAL_WORLD_SIZE`` (torchrun sets it; else one node).
+    Only flat all-to-all candidates: the runtime does not run the hierarchical one yet. A layer
+    whose token count or sizes are dynamic gets 1 chunk (nothing to predict from)."""
+    from moec.runtime.cost_model import Calibration, LayerShape, choose_schedule
+
+    if None in (info.tokens, info.hidden, info.expert_hidden) or info.tokens < 1 or info.world < 2:
+        return 1
+    shape = LayerShape(tokens=info.tokens, hidden=info.hidden, expert_hidden=info.expert_hidden,
+                       num_experts=info.num_experts, top_k=info.top_k, gated=info.gated,
+                       dtype_bytes=info.dtype.itemsize if info.dtype is not None else 4)
+    per_node = min(info.world, int(os.environ.get("LOCAL_WORLD_SIZE", info.world)))
+    calib, _ = Calibration.for_this_machine()
+    schedule = choose_schedule(shape, info.world, per_node, calib)
+    if not schedule.hierarchical:
+        return schedule.chunks
+    return min((t, r) for r, hierarchical, _, t in schedule.candidates if not hierarchical)[1]
 
 
 def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None):
@@ -106,7 +146,7 @@ def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Option
                                check=os.environ.get("MOEC_CHECK") == "1", group_name=options["ep_group"],
                                chunks=chunk_chooser(options["ep_chunks"]))
     gm.meta["moec_passes"] = records
-    compiled = lower(gm, example_inputs, options["inner"])
+    compiled = lower(gm, example_inputs, options["inner"], schedule="schedule_overlap" not in options["disable"])
     if options["ep_group"] is None or not any(is_issue(n) for n in gm.graph.nodes):
         return compiled
     return _with_collective_errors(compiled, options["ep_group"])

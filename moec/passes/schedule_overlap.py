@@ -18,6 +18,12 @@ Mutation: a node that may write a tensor in place (``is_barrier``) is not ordere
 against the other readers of that tensor, so the graph is cut at such nodes and each run between
 them is scheduled on its own; a barrier never moves and nothing crosses one.
 
+Backward: the pass runs on the dynamo graph, before AOT autograd derives the backward. The
+backend applies the same scheduler (``schedule_graph``) to the forward and backward graphs AOT
+autograd produces (``aot_eager``: as its forward/backward compilers; ``inductor``: as the
+post-grad custom pass), so the backward's exchanges of one chunk overlap the gradient GEMMs of
+another the same way.
+
 Preconditions: the graph is a valid FX graph; every rank schedules the same graph (the order is
 a function of the graph alone, so all ranks issue their collectives in the same order).
 
@@ -40,6 +46,7 @@ import heapq
 import operator
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Node
 
 NAME = "schedule_overlap"
@@ -152,9 +159,18 @@ def _schedule_segment(nodes: list[Node]) -> list[Node]:
 
 
 def schedule_overlap(gm: torch.fx.GraphModule, example_inputs=None) -> tuple[torch.fx.GraphModule, int]:
-    nodes = list(gm.graph.nodes)
+    moved = schedule_graph(gm.graph)
+    if moved:
+        gm.recompile()
+    return gm, moved
+
+
+def schedule_graph(graph: torch.fx.Graph) -> int:
+    """``schedule_overlap`` on a bare graph (Inductor's post-grad hook hands one over); returns
+    the number of nodes moved."""
+    nodes = list(graph.nodes)
     if not any(is_issue(n) for n in nodes):
-        return gm, 0
+        return 0
     order = schedule(nodes)
     moved = sum(a is not b for a, b in zip(order, nodes))
     if moved:
@@ -162,6 +178,16 @@ def schedule_overlap(gm: torch.fx.GraphModule, example_inputs=None) -> tuple[tor
             nodes[0].prepend(order[0])
         for before, node in zip(order, order[1:]):
             before.append(node)
-        gm.graph.lint()
-        gm.recompile()
-    return gm, moved
+        graph.lint()
+    return moved
+
+
+class PostGradSchedule(CustomGraphPass):
+    """``schedule_graph`` as Inductor's ``post_grad_custom_post_pass``: the forward and backward
+    graphs Inductor compiles (AOT autograd's, in aten ops) get the same schedule."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        schedule_graph(graph)
+
+    def uuid(self):
+        return get_hash_for_files((__file__,))

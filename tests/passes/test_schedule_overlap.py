@@ -7,6 +7,7 @@ group (the collectives are real, the graph is what W ranks would run), in 3 chun
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 import pytest
@@ -18,7 +19,7 @@ from moec.capture import capture_graphs
 from moec.ir.verify import moec_op_name
 from moec.models.builtin import BUILTIN_MODELS
 from moec.passes.pipeline import run_pipeline
-from moec.passes.schedule_overlap import WAIT, is_issue, schedule_overlap
+from moec.passes.schedule_overlap import WAIT, is_issue, schedule_graph, schedule_overlap
 
 CHUNKS = 3
 
@@ -152,3 +153,56 @@ def test_schedule_preserves_values_bitwise(group_name, chunks):
     assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
     assert all(torch.equal(a, b) for a, b in zip(gp_a, gp_b))
     torch.testing.assert_close(out_a, model(args[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_backward_graph_is_scheduled_too(group_name, monkeypatch):
+    """AOT autograd's backward of a 3-chunk layer, scheduled by the backend: every chunk's first
+    backward exchange (output gradients back to the experts) is issued before the first gradient
+    GEMM of the layer."""
+    import moec.backend
+
+    seen = []
+
+    def recording(graph):
+        moved = schedule_graph(graph)
+        seen.append((graph, moved))
+        return moved
+
+    monkeypatch.setattr(moec.backend, "schedule_graph", recording)
+    model, args = BUILTIN_MODELS["shared-expert"]()
+    compiled = moec.compile(model, expert_parallel=True, chunks=CHUNKS, inner="aot_eager")
+    compiled(args[0].requires_grad_(True)).sum().backward()
+    (fw, _), (bw, moved) = seen
+    assert moved > 0
+    nodes = list(bw.nodes)
+    issues = [i for i, n in enumerate(nodes) if is_issue(n)]
+    gemms = [i for i, n in enumerate(nodes) if (moec_op_name(n) or "").startswith("grouped_gemm")]
+    # the last layer's backward runs first: its chunks' first exchanges precede its first gradient GEMM
+    assert len(issues) >= 2 * CHUNKS and gemms
+    assert sorted(issues)[CHUNKS - 1] < min(gemms)
+
+
+def test_backend_schedules_aot_graphs(group_name):
+    torch._dynamo.utils.counters["moec"].clear()
+    model, args = BUILTIN_MODELS["shared-expert"]()
+    compiled = moec.compile(model, expert_parallel=True, chunks=2, inner="aot_eager")
+    compiled(args[0].requires_grad_(True)).sum().backward()
+    assert torch._dynamo.utils.counters["moec"]["scheduled_aot_graphs"] == 2  # forward and backward
+
+
+def test_auto_chunks_is_the_cost_models_choice(monkeypatch):
+    from moec.backend import auto_chunks
+    from moec.passes.expert_parallel import LayerInfo
+    from moec.runtime.cost_model import Calibration, LayerShape, choose_schedule
+
+    calib = Calibration.default()
+    monkeypatch.setattr(Calibration, "for_this_machine", classmethod(lambda cls: (calib, "test")))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    info = LayerInfo(index=0, tokens=4096, hidden=4096, num_experts=64, top_k=8, world=8, gated=True,
+                     expert_hidden=256, dtype=torch.bfloat16)
+    shape = LayerShape(tokens=4096, hidden=4096, expert_hidden=256, num_experts=64, top_k=8, gated=True,
+                       dtype_bytes=2)
+    chosen = choose_schedule(shape, 8, 8, calib)
+    assert auto_chunks(info) == chosen.chunks > 1  # communication-heavy: pipelined
+    assert auto_chunks(dataclasses.replace(info, world=1)) == 1
+    assert auto_chunks(dataclasses.replace(info, tokens=None)) == 1  # dynamic token count
