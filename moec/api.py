@@ -8,6 +8,10 @@ Contract:
   initialised process group; ``group=`` narrows it, ``chunks=`` forces the pipeline depth instead
   of the cost model's choice) shards every lowered MoE layer's experts over the group: each rank
   feeds its own tokens and gets the unsharded model's output on them (``moec.passes.expert_parallel``).
+  ``ranks_per_node=`` (default ``$LOCAL_WORLD_SIZE``, else the group size) and
+  ``hierarchical=`` ("auto": the cost model's choice per layer, True, False): with more than one
+  node, moec makes the node groups (``moec.runtime.group.ep_node_groups``, collective over the
+  world) and a layer may exchange in two stages, inside the node then between nodes.
   The exchanges run on ``moec.runtime.ep_group(group, timeout_s)``, a group with moec's timeout
   (``timeout_s``, else ``$MOEC_EP_TIMEOUT``, else 300 s; creating it is collective, so every rank
   calls ``moec.compile``): a peer that dies or hangs makes a forward call raise
@@ -32,8 +36,8 @@ from moec.passes.select_impl import load_target
 from moec.report import Fallback, Report
 
 _COMPILE_OPTIONS = ("inner", "target", "disable", "dynamic", "fullgraph", "expert_parallel", "group", "chunks",
-                    "timeout_s")
-_EP_OPTIONS = ("group", "chunks", "timeout_s")
+                    "timeout_s", "ranks_per_node", "hierarchical")
+_EP_OPTIONS = ("group", "chunks", "timeout_s", "ranks_per_node", "hierarchical")
 
 
 def compile(model: nn.Module, **options: Any):
@@ -44,6 +48,9 @@ def compile(model: nn.Module, **options: Any):
     if options.get("expert_parallel", False):
         backend_options["ep_group"] = _ep_group_name(options.get("group"), options.get("timeout_s"))
         backend_options["ep_chunks"] = options.get("chunks", "auto")
+        backend_options["ep_hierarchical"] = options.get("hierarchical", "auto")
+        backend_options["ep_nodes"] = _ep_nodes(options.get("group"), options.get("ranks_per_node"),
+                                                options.get("timeout_s"), backend_options["ep_hierarchical"])
     elif any(k in options for k in _EP_OPTIONS):
         raise TypeError(f"moec.compile: {', '.join(k for k in _EP_OPTIONS if k in options)} apply to expert "
                         "parallelism; pass expert_parallel=True")
@@ -72,6 +79,26 @@ def _ep_group_name(group, timeout_s) -> str:
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"moec.compile: group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
     return ep_group(group, timeout_s).group_name
+
+
+def _ep_nodes(group, ranks_per_node, timeout_s, hierarchical):
+    """(intra, inter, P) group names for a hierarchical all-to-all, or None on one node."""
+    import os
+
+    import torch.distributed as dist
+
+    from moec.runtime.group import ep_node_groups
+
+    size = dist.get_world_size(group)
+    if ranks_per_node is None:
+        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", size))  # torchrun sets it
+    if ranks_per_node >= size or hierarchical is False:
+        if hierarchical is True:
+            raise ValueError(f"moec.compile: hierarchical=True needs more than one node, but ranks_per_node="
+                             f"{ranks_per_node} covers the group's {size} ranks")
+        return None
+    intra, inter = ep_node_groups(group, ranks_per_node, timeout_s)
+    return intra.group_name, inter.group_name, ranks_per_node
 
 
 def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:

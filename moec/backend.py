@@ -17,7 +17,9 @@ grouped-GEMM form and picks the implementation of the lowered ops by ``options["
 names passes to skip; ``MOEC_CHECK=1`` verifies the graph after every pass.
 ``options["ep_group"]`` (a process group's ``group_name``) makes every lowered MoE layer expert
 parallel over that group, with its tokens in ``options["ep_chunks"]`` pipelined chunks ("auto":
-chosen by the cost model; an int forces it).
+chosen by the cost model; an int forces it). ``options["ep_nodes"]`` = (intra-node group name,
+inter-node group name, ranks per node) allows a hierarchical all-to-all, used per layer as
+``options["ep_hierarchical"]`` says ("auto": the cost model's choice, True, False).
 
 Registered as the ``torch_dynamo_backends`` entry point ``moec``, so
 ``torch.compile(model, backend="moec", options={...})`` works without importing moec.
@@ -75,7 +77,7 @@ def _scheduled(graph_module: torch.fx.GraphModule, inputs):
 
 
 TARGETS = ("auto", "cpu", "triton", "reference")
-_OPTIONS = ("inner", "target", "disable", "ep_group", "ep_chunks")
+_OPTIONS = ("inner", "target", "disable", "ep_group", "ep_chunks", "ep_nodes", "ep_hierarchical")
 
 
 def resolve_target(target: str, example_inputs: list) -> str:
@@ -108,34 +110,52 @@ def check_options(options: Optional[dict[str, Any]], who: str = "moec") -> dict[
     chunks = options.setdefault("ep_chunks", "auto")
     if chunks != "auto" and not (isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1):
         raise ValueError(f"{who}: ep_chunks must be 'auto' or a positive int, got {chunks!r}")
+    nodes = options.setdefault("ep_nodes", None)
+    if nodes is not None and not (isinstance(nodes, (tuple, list)) and len(nodes) == 3):
+        raise ValueError(f"{who}: ep_nodes must be (intra-node group name, inter-node group name, ranks per node)")
+    hierarchical = options.setdefault("ep_hierarchical", "auto")
+    if hierarchical not in ("auto", True, False):
+        raise ValueError(f"{who}: ep_hierarchical must be 'auto', True or False, got {hierarchical!r}")
+    if hierarchical is True and nodes is None:
+        raise ValueError(f"{who}: ep_hierarchical=True needs the node groups (ep_nodes): more than one node")
     return options
 
 
-def chunk_chooser(chunks):
-    """The ``chunks`` argument of the expert_parallel pass for the ``ep_chunks`` option: an int
-    as given, or for "auto" the cost model's choice per layer (``auto_chunks``)."""
-    return auto_chunks if chunks == "auto" else chunks
+def chunk_chooser(chunks, hierarchical="auto", ranks_per_node=None):
+    """The ``chunks`` argument of the expert_parallel pass: per layer, (r, hierarchical). ``chunks``
+    and ``hierarchical`` as given, or for "auto" the cost model's choice (``auto_schedule``);
+    hierarchical only when there are node groups (``ranks_per_node`` given)."""
+    def choose(info):
+        if chunks != "auto" and hierarchical != "auto":
+            return chunks, bool(hierarchical) and ranks_per_node is not None
+        auto_r, auto_h = auto_schedule(info, ranks_per_node)
+        r = auto_r if chunks == "auto" else chunks
+        h = auto_h if hierarchical == "auto" else hierarchical
+        return r, bool(h) and ranks_per_node is not None
+
+    return choose
 
 
 def auto_chunks(info) -> int:
-    """The pipeline depth the cost model (``moec.runtime.cost_model``) predicts fastest for a layer
+    """The cost model's pipeline depth for a layer over one node (flat all-to-all)."""
+    return auto_schedule(info, None)[0]
+
+
+def auto_schedule(info, ranks_per_node=None) -> tuple[int, bool]:
+    """(r, hierarchical) the cost model (``moec.runtime.cost_model``) predicts fastest for a layer
     (``moec.passes.expert_parallel.LayerInfo``), with this machine's stored calibration or the
-    assumed defaults, ranks per node from ``LOCAL_WORLD_SIZE`` (torchrun sets it; else one node).
-    Only flat all-to-all candidates: the runtime does not run the hierarchical one yet. A layer
-    whose token count or sizes are dynamic gets 1 chunk (nothing to predict from)."""
+    assumed defaults; ``ranks_per_node`` None means one node (flat all-to-all only). A layer whose
+    token count or sizes are dynamic gets (1, False): nothing to predict from."""
     from moec.runtime.cost_model import Calibration, LayerShape, choose_schedule
 
     if None in (info.tokens, info.hidden, info.expert_hidden) or info.tokens < 1 or info.world < 2:
-        return 1
+        return 1, False
     shape = LayerShape(tokens=info.tokens, hidden=info.hidden, expert_hidden=info.expert_hidden,
                        num_experts=info.num_experts, top_k=info.top_k, gated=info.gated,
                        dtype_bytes=info.dtype.itemsize if info.dtype is not None else 4)
-    per_node = min(info.world, int(os.environ.get("LOCAL_WORLD_SIZE", info.world)))
     calib, _ = Calibration.for_this_machine()
-    schedule = choose_schedule(shape, info.world, per_node, calib)
-    if not schedule.hierarchical:
-        return schedule.chunks
-    return min((t, r) for r, hierarchical, _, t in schedule.candidates if not hierarchical)[1]
+    schedule = choose_schedule(shape, info.world, ranks_per_node or info.world, calib)
+    return schedule.chunks, schedule.hierarchical
 
 
 def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None):
@@ -144,7 +164,9 @@ def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Option
     verify(gm)
     gm, records = run_pipeline(gm, example_inputs, target=target, disable=options["disable"],
                                check=os.environ.get("MOEC_CHECK") == "1", group_name=options["ep_group"],
-                               chunks=chunk_chooser(options["ep_chunks"]))
+                               chunks=chunk_chooser(options["ep_chunks"], options["ep_hierarchical"],
+                                                    options["ep_nodes"][2] if options["ep_nodes"] else None),
+                               nodes=tuple(options["ep_nodes"]) if options["ep_nodes"] else None)
     gm.meta["moec_passes"] = records
     compiled = lower(gm, example_inputs, options["inner"], schedule="schedule_overlap" not in options["disable"])
     if options["ep_group"] is None or not any(is_issue(n) for n in gm.graph.nodes):

@@ -40,6 +40,13 @@ Pseudo-code, per layer (C chunks, W ranks, L local experts, all per-chunk lists 
         out[c] = combine(ys_nH, o_n, weights[c])
     out_TH = cat(out)
 
+Hierarchical all-to-all (``nodes`` = (intra-node group, inter-node group, P ranks per node) and
+the chunk choice says so for the layer): each exchange runs in two stages, first to the peer in
+this node with the destination's local index (``ep_route`` on a key ordering slots by destination
+local index, whose "local id" carries destination node and expert), then among the ranks with
+that local index to the destination node (``ep_route`` again on the received ids); the way back
+reverses both stages. P-1 intra-node and N-1 inter-node peers per exchange instead of W-1.
+
 Legend: T tokens of this rank, K top-k, H hidden, E experts, W ranks, C chunks, L = E / W,
 R rows received for a chunk, n slots of a chunk, I expert hidden (after the activation).
 """
@@ -80,7 +87,8 @@ class LayerInfo:
     dtype: Optional[torch.dtype]
 
 
-Chunks = Union[int, Callable[[LayerInfo], int]]
+# r, or a function of the layer giving r, or (r, hierarchical)
+Chunks = Union[int, Callable[[LayerInfo], Union[int, tuple[int, bool]]]]
 
 
 def resolve_group(group_name: str):
@@ -128,6 +136,7 @@ def expert_parallel(
     *,
     group_name: Optional[str],
     chunks: Chunks = 1,
+    nodes: Optional[tuple[str, str, int]] = None,
 ) -> tuple[torch.fx.GraphModule, int]:
     if group_name is None:
         return gm, 0
@@ -157,11 +166,17 @@ def expert_parallel(
             dtype=x_val.dtype if x_val is not None else None,
         )
         C = chunks(info) if callable(chunks) else chunks
+        C, hierarchical = C if isinstance(C, tuple) else (C, False)
         if not (isinstance(C, int) and C >= 1):
             raise ValueError(f"moec: chunks must be a positive int, got {C!r}")
+        if hierarchical and nodes is None:
+            raise ValueError("moec: a hierarchical all-to-all needs the node groups (moec.compile makes them "
+                             "when ranks_per_node is less than the group size)")
         with graph.inserting_before(ggc):
             out = _emit(graph, ggc, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out,
-                        E=E, K=K, world=world, rank=rank, chunks=C, group_name=group_name, layer=changed)
+                        E=E, K=K, world=world, rank=rank, chunks=C, group_name=group_name, layer=changed,
+                        nodes=nodes if hierarchical else None)
+        torch._dynamo.utils.counters["moec"]["expert_parallel_hierarchical_layers"] += bool(hierarchical)
         ggc.replace_all_uses_with(out)
         graph.erase_node(ggc)
         graph.erase_node(gga)
@@ -189,7 +204,7 @@ def _allow_split_sizes() -> None:
 
 
 def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, E, K, world, rank, chunks,
-          group_name, layer) -> Node:
+          group_name, layer, nodes) -> Node:
     L = E // world
     act, transposed, interleaved, alpha, limit = gga.args[5], gga.args[6], gga.args[7], gga.args[8], gga.args[9]
 
@@ -209,18 +224,38 @@ def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, 
         parts = call(torch.tensor_split, t, chunks, stage=stage)
         return [call(operator.getitem, parts, c, stage=stage) for c in range(chunks)]
 
-    plan = call(op("ep_route"), idx_TK, E, world, chunks, stage="plan")
-    order_TK, local_TK, counts_WC = (call(operator.getitem, plan, i, stage="plan") for i in range(3))
-    recv_WC = call(WAIT, call(A2A, counts_WC, [1] * world, [1] * world, group_name, stage="counts"), stage="counts")
-    send_l, recv_l = method("tolist", counts_WC, stage="counts"), method("tolist", recv_WC, stage="counts")
+    def exchange_counts(counts, peers, group, chunk=None):
+        recv = call(WAIT, call(A2A, counts, [1] * peers, [1] * peers, group, stage="counts", chunk=chunk),
+                    stage="counts", chunk=chunk)
+        return method("tolist", counts, stage="counts", chunk=chunk), method("tolist", recv, stage="counts", chunk=chunk)
 
-    def split_sizes(lists, c):
+    def split_sizes(lists, c, peers, chunk=None):
         sizes = []
-        for w in range(world):
-            v = call(operator.getitem, call(operator.getitem, lists, w, stage="counts"), c, stage="counts")
-            call(torch._check, call(operator.ge, v, 0, stage="counts"), stage="counts")
+        for w in range(peers):
+            v = call(operator.getitem, call(operator.getitem, lists, w, stage="counts", chunk=chunk), c,
+                     stage="counts", chunk=chunk)
+            call(torch._check, call(operator.ge, v, 0, stage="counts", chunk=chunk), stage="counts", chunk=chunk)
             sizes.append(v)
         return sizes
+
+    if nodes is None:  # flat: one exchange over the whole group
+        group1, peers1 = group_name, world
+        plan = call(op("ep_route"), idx_TK, E, world, chunks, stage="plan")
+    else:
+        # Hierarchical: first inside the node, to the local peer with the destination's local index
+        # (l_d), then between nodes among the ranks with that local index. Stage one's key sorts by
+        # l_d and carries n_d*L + expert-on-its-rank as the "local id", which stage two splits again.
+        intra, inter, P = nodes
+        N = world // P
+        group1, peers1 = intra, P
+        dest = call(torch.div, idx_TK, L, rounding_mode="floor", stage="plan")
+        key = call(operator.add, call(operator.add,
+                   call(operator.mul, call(torch.remainder, dest, P, stage="plan"), N * L, stage="plan"),
+                   call(operator.mul, call(torch.div, dest, P, rounding_mode="floor", stage="plan"), L, stage="plan"),
+                   stage="plan"), call(torch.remainder, idx_TK, L, stage="plan"), stage="plan")
+        plan = call(op("ep_route"), key, E, P, chunks, stage="plan")
+    order_TK, local_TK, counts_WC = (call(operator.getitem, plan, i, stage="plan") for i in range(3))
+    send_l, recv_l = exchange_counts(counts_WC, peers1, group1)
 
     w_in_l = call(torch.narrow, w_in, 0, rank * L, L, stage="weights")
     w_out_l = call(torch.narrow, w_out, 0, rank * L, L, stage="weights")
@@ -231,15 +266,26 @@ def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, 
     outs = []
     for c, (x_c, order_c, local_c, weights_c) in enumerate(zip(
             pieces(x, "plan"), pieces(order_TK, "plan"), pieces(local_TK, "plan"), pieces(weights_TK, "plan"))):
-        send, recv = split_sizes(send_l, c), split_sizes(recv_l, c)
+        send, recv = split_sizes(send_l, c, peers1), split_sizes(recv_l, c, peers1)
         order_n = call(torch.reshape, order_c, (-1,), stage="dispatch", chunk=c)
         xs_nH = call(torch.index_select, x_c, 0, call(torch.div, order_n, K, rounding_mode="floor",
                                                        stage="dispatch", chunk=c), stage="dispatch", chunk=c)
-        xr_RH = call(WAIT, call(A2A_AUTOGRAD, xs_nH, recv, send, group_name, stage="dispatch", chunk=c),
+        xr_RH = call(WAIT, call(A2A_AUTOGRAD, xs_nH, recv, send, group1, stage="dispatch", chunk=c),
                      stage="dispatch_wait", chunk=c)
         ls_n1 = call(torch.reshape, local_c, (-1, 1), stage="dispatch", chunk=c)
-        lr_R1 = call(WAIT, call(A2A, ls_n1, recv, send, group_name, stage="dispatch", chunk=c),
+        lr_R1 = call(WAIT, call(A2A, ls_n1, recv, send, group1, stage="dispatch", chunk=c),
                      stage="dispatch_wait", chunk=c)
+        if nodes is not None:  # stage two: to the destination node, among ranks with this local index
+            plan2 = call(op("ep_route"), lr_R1, N * L, N, 1, stage="dispatch", chunk=c)
+            order2, local2, counts2 = (call(operator.getitem, plan2, i, stage="dispatch", chunk=c) for i in range(3))
+            send2_l, recv2_l = exchange_counts(counts2, N, inter, chunk=c)
+            send2, recv2 = split_sizes(send2_l, 0, N, chunk=c), split_sizes(recv2_l, 0, N, chunk=c)
+            order2_r = call(torch.reshape, order2, (-1,), stage="dispatch", chunk=c)
+            xs2 = call(torch.index_select, xr_RH, 0, order2_r, stage="dispatch", chunk=c)
+            xr_RH = call(WAIT, call(A2A_AUTOGRAD, xs2, recv2, send2, inter, stage="dispatch", chunk=c),
+                         stage="dispatch_wait", chunk=c)
+            lr_R1 = call(WAIT, call(A2A, local2, recv2, send2, inter, stage="dispatch", chunk=c),
+                         stage="dispatch_wait", chunk=c)
         grouped = call(op("dispatch"), lr_R1, L, stage="experts", chunk=c)
         tok_R, slot_R, counts_L = (call(operator.getitem, grouped, i, stage="experts", chunk=c) for i in range(3))
         a_RI = call(op("grouped_gemm_act"), xr_RH, tok_R, counts_L, w_in_l, b_in_l, act, transposed, interleaved,
@@ -247,7 +293,12 @@ def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, 
         ones_R1 = call(torch.ones_like, lr_R1, dtype=weights_dtype, stage="experts", chunk=c)
         yr_RH = call(op("grouped_gemm_combine"), a_RI, slot_R, counts_L, w_out_l, b_out_l, ones_R1, transposed,
                      stage="experts", chunk=c)
-        ys_nH = call(WAIT, call(A2A_AUTOGRAD, yr_RH, send, recv, group_name, stage="combine", chunk=c),
+        if nodes is not None:  # back between nodes, then into stage one's arrival order
+            ys2 = call(WAIT, call(A2A_AUTOGRAD, yr_RH, send2, recv2, inter, stage="combine", chunk=c),
+                       stage="combine_wait", chunk=c)
+            yr_RH = call(torch.index_select, ys2, 0, call(torch.argsort, order2_r, stage="combine", chunk=c),
+                         stage="combine", chunk=c)
+        ys_nH = call(WAIT, call(A2A_AUTOGRAD, yr_RH, send, recv, group1, stage="combine", chunk=c),
                      stage="combine_wait", chunk=c)
         outs.append(call(op("combine"), ys_nH, order_n, weights_c, stage="combine", chunk=c))
     return outs[0] if chunks == 1 else call(torch.cat, outs, stage="combine")

@@ -35,13 +35,14 @@ from moec.passes.select_impl import select_impl
 PassFn = Callable[..., tuple[torch.fx.GraphModule, int]]
 
 
-def passes(target: str, group_name: Optional[str] = None, chunks: Chunks = 1) -> list[tuple[str, PassFn]]:
+def passes(target: str, group_name: Optional[str] = None, chunks: Chunks = 1,
+           nodes: Optional[tuple[str, str, int]] = None) -> list[tuple[str, PassFn]]:
     return [
         ("fuse_gating", fuse_gating),
         ("lower_grouped", lower_grouped),
         ("fuse_activation", fuse_activation),
         ("fuse_combine", fuse_combine),
-        ("expert_parallel", functools.partial(expert_parallel, group_name=group_name, chunks=chunks)),
+        ("expert_parallel", functools.partial(expert_parallel, group_name=group_name, chunks=chunks, nodes=nodes)),
         ("schedule_overlap", schedule_overlap),
         ("select_impl", functools.partial(select_impl, target=target)),
     ]
@@ -96,12 +97,13 @@ def run_pipeline(
     check: bool = False,
     group_name: Optional[str] = None,
     chunks: Chunks = 1,
+    nodes: Optional[tuple[str, str, int]] = None,
 ) -> tuple[torch.fx.GraphModule, list[PassRecord]]:
     unknown = sorted(set(disable) - set(PASS_NAMES))
     if unknown:
         raise ValueError(f"moec: unknown passes {unknown} in disable; passes: {list(PASS_NAMES)}")
     records = []
-    for name, fn in passes(target, group_name, chunks):
+    for name, fn in passes(target, group_name, chunks, nodes):
         before = op_counts(gm)
         if name in disable:
             records.append(PassRecord(name, 0, 0.0, before, before, skipped=True))

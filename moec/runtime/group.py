@@ -56,6 +56,7 @@ __all__ = [
     "CollectiveError",
     "collective_errors",
     "ep_group",
+    "ep_node_groups",
     "group_timeout_s",
     "timeout_from_env",
 ]
@@ -223,3 +224,42 @@ def group_timeout_s(group: Optional[dist.ProcessGroup]) -> Optional[float]:
         if pg is group:
             return timeout_s
     return None
+
+
+# (world group, group ranks, ranks per node, timeout) -> (intra-node group, inter-node group) of this rank
+_NODE_GROUPS: dict[tuple, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+
+def ep_node_groups(group: Optional[dist.ProcessGroup], ranks_per_node: int,
+                   timeout_s: Optional[float] = None) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """This rank's two groups for a hierarchical all-to-all over ``group`` (the world when None):
+    the ranks of its node (group ranks ``[n*P, (n+1)*P)``, in order) and the ranks with its local
+    index in every node (``l, P+l, 2P+l, ...``), both with moec's timeout.
+
+    Collective over the whole world: every rank of the job calls it with the same arguments (it
+    creates every node's and every local index's group, keeping its own two). ``group`` must span
+    the world, and its size must be a multiple of ``ranks_per_node``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("moec: ep_node_groups needs torch.distributed initialised")
+    timeout_s = timeout_from_env() if timeout_s is None else _check_timeout(timeout_s, "timeout_s")
+    world_size = dist.get_world_size()
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world_size))
+    if len(ranks) != world_size:
+        raise ValueError("moec: a hierarchical all-to-all needs the expert-parallel group to span every rank; "
+                         f"this one has {len(ranks)} of {world_size}")
+    P = ranks_per_node
+    if not (isinstance(P, int) and 1 <= P <= world_size and world_size % P == 0):
+        raise ValueError(f"moec: ranks_per_node={P!r} must divide the {world_size} ranks of the group")
+    key = (dist.group.WORLD, tuple(ranks), P, timeout_s)
+    if key not in _NODE_GROUPS:
+        me = ranks.index(dist.get_rank())
+        mine = {}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        with collective_errors(f"creating the node groups of {P} ranks over ranks {ranks}", timeout_s):
+            for kind, members in ([("intra", ranks[n * P:(n + 1) * P]) for n in range(world_size // P)]
+                                  + [("inter", ranks[l::P]) for l in range(P)]):
+                pg = dist.new_group(members, timeout=timeout, group_desc=f"moec_ep_{kind}")
+                if ranks[me] in members:
+                    mine[kind] = pg
+        _NODE_GROUPS[key] = (mine["intra"], mine["inter"])
+    return _NODE_GROUPS[key]

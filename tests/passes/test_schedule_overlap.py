@@ -206,3 +206,29 @@ def test_auto_chunks_is_the_cost_models_choice(monkeypatch):
     assert auto_chunks(info) == chosen.chunks > 1  # communication-heavy: pipelined
     assert auto_chunks(dataclasses.replace(info, world=1)) == 1
     assert auto_chunks(dataclasses.replace(info, tokens=None)) == 1  # dynamic token count
+
+
+def test_auto_schedule_goes_hierarchical_when_the_model_says(monkeypatch):
+    from moec.backend import auto_schedule, chunk_chooser
+    from moec.passes.expert_parallel import LayerInfo
+    from moec.runtime.cost_model import Calibration, LayerShape, choose_schedule
+
+    calib = Calibration.default()
+    monkeypatch.setattr(Calibration, "for_this_machine", classmethod(lambda cls: (calib, "test")))
+    # many nodes, small messages: latency-bound, where the two-stage exchange wins
+    info = LayerInfo(index=0, tokens=16, hidden=256, num_experts=512, top_k=2, world=512, gated=True,
+                     expert_hidden=128, dtype=torch.bfloat16)
+    shape = LayerShape(tokens=16, hidden=256, expert_hidden=128, num_experts=512, top_k=2, dtype_bytes=2)
+    chosen = choose_schedule(shape, 512, 8, calib)
+    assert chosen.hierarchical
+    assert auto_schedule(info, 8) == (chosen.chunks, True)
+    assert auto_schedule(info, None)[1] is False  # one node: flat only
+    assert chunk_chooser("auto", "auto", 8)(info) == (chosen.chunks, True)
+    assert chunk_chooser(2, False, 8)(info) == (2, False)
+    assert chunk_chooser(2, True, None)(info) == (2, False)  # no node groups: nothing to be hierarchical with
+
+
+def test_hierarchical_on_one_node_is_refused(group_name):
+    model, _ = BUILTIN_MODELS["moe-mlp"]()
+    with pytest.raises(ValueError, match="hierarchical=True needs more than one node"):
+        moec.compile(model, expert_parallel=True, hierarchical=True)

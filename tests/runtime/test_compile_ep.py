@@ -48,6 +48,13 @@ def _cases(world: int) -> list[dict]:
         dict(name="mixtral", spec="hf:mixtral", rows=[1] * world, chunks=1, inner="aot_eager"),
         dict(name="deepseek_v3", spec="hf:deepseek_v3", rows=[1] * world, chunks=2, inner="aot_eager"),
     ]
+    # hierarchical all-to-all: nodes of 2 ranks at 4 ranks, of 1 rank at 2
+    cases += [
+        dict(name="moe-mlp-hierarchical", spec="builtin:moe-mlp", rows=uneven, chunks=2, inner="aot_eager",
+             ranks_per_node=world // 2, hierarchical=True),
+        dict(name="stacked-bmm-all-to-rank0-hierarchical", spec="builtin:stacked-bmm", rows=[2, 0, 1, 2][:world],
+             chunks=1, inner="aot_eager", to_rank0=True, ranks_per_node=world // 2, hierarchical=True),
+    ]
     if world == 2:
         cases += [
             dict(name="sort-split", spec="builtin:sort-split", rows=uneven, chunks=1, inner="aot_eager"),
@@ -96,12 +103,15 @@ def _run_rank(case: dict, world: int, rank: int) -> dict:
     torch._dynamo.reset()
     model, full, cot = _build(case, world)
     mine = tuple(a[_rows(case, rank)] for a in full)
-    compiled = moec.compile(model, expert_parallel=True, chunks=case["chunks"], inner=case["inner"])
+    compiled = moec.compile(model, expert_parallel=True, chunks=case["chunks"], inner=case["inner"],
+                            ranks_per_node=case.get("ranks_per_node"), hierarchical=case.get("hierarchical", "auto"))
     torch._dynamo.utils.counters["moec"].clear()
     out = primary_output(compiled(*mine))
     sharded = torch._dynamo.utils.counters["moec"]["expert_parallel_layers"]
     # Every MoE layer is sharded but Switch's capacity-limited ones (rows per rank: 0 is fine).
     assert (sharded == 0) == (case["name"] == "switch_transformers"), (case["name"], sharded)
+    hierarchical = torch._dynamo.utils.counters["moec"]["expert_parallel_hierarchical_layers"]
+    assert hierarchical == (sharded if case.get("hierarchical") else 0), (case["name"], hierarchical)
     (out * cot[_rows(case, rank)]).sum().backward()
     grads = _grads(model)
     for g in grads.values():
