@@ -59,6 +59,10 @@ def compile(model: nn.Module, **options: Any):
         load_target("triton")  # fail here, not inside dynamo, when no GPU or interpreter can run the kernels
     if isinstance(model, nn.Module):
         convert_model(model)
+        if backend_options.get("ep_group") is not None:
+            from moec.runtime.shard import shard_experts
+
+            shard_experts(model, backend_options["ep_group"])
     return torch.compile(
         model,
         backend=moec_backend,

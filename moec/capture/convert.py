@@ -183,6 +183,7 @@ def _convert_components(name, module, router, experts, E, H, shared):
         notes.append(Fallback(name, f"training mode runs the model's own code ({stochastic} is active)"))
     _install(router, r.forward(H, router.forward), bool(stochastic))
     _install(experts, _experts_forward(spec, interface), bool(stochastic))
+    experts.__dict__["_moec_experts_spec"] = spec
     for smod, s in shared_specs:
         _install(smod, lambda x, *a, _s=s, **k: shared_expert(_s, x), bool(_stochastic(smod)))
     layer = _layer_record(name, E, H, r.spec, spec.ffn, _shared_count([s for _, s in shared_specs],
@@ -270,6 +271,7 @@ def _convert_block(name, module, router, experts, E, H, shared, gates):
                     if stochastic:
                         notes.append(Fallback(name, f"training mode runs the model's own code ({stochastic} is active)"))
                     _install(module, fwd, bool(stochastic))
+                    module.__dict__["_moec_experts_spec"] = experts_spec
                     layer = _layer_record(name, E, H, router_spec, ffn,
                                           _shared_count(shared_specs, ffn.expert_hidden_size), "block")
                     return layer, notes

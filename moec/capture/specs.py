@@ -72,11 +72,24 @@ class FFNSpec:
 class ExpertsSpec:
     ffn: FFNSpec
     num_experts: int
+    # Set by expert-parallel sharding (``moec.runtime.shard``): the parameters ``fetch`` reads hold
+    # only this rank's experts, and the name of the group whose all-gather rebuilds all of them.
+    shard_group: Optional[str] = None
+
+    def weights(self) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """All experts' (w_in, w_out, b_in, b_out); gathered from the ranks when sharded (the
+        ``expert_parallel`` pass then uses this rank's shard directly and drops the gather)."""
+        weights = self.ffn.fetch()
+        if self.shard_group is None:
+            return weights
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+        return tuple(None if w is None else all_gather_tensor_autograd(w, 0, self.shard_group) for w in weights)
 
     def __call__(self, x_TH: Tensor, idx_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """dispatch -> expert_ffn -> combine: out [T, H] in x's dtype."""
         token_N, slot_N, counts_E = torch.ops.moec.dispatch(idx_TK, self.num_experts)
-        w_in, w_out, b_in, b_out = self.ffn.fetch()
+        w_in, w_out, b_in, b_out = self.weights()
         y_NH = torch.ops.moec.expert_ffn(x_TH, token_N, counts_E, w_in, w_out, b_in, b_out, *self.ffn.attrs())
         return torch.ops.moec.combine(y_NH, slot_N, weights_TK).to(x_TH.dtype)
 

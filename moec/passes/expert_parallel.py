@@ -63,6 +63,7 @@ from torch.fx import Node
 import moec.ir.parallel  # noqa: F401  (registers moec::ep_route)
 from moec.ir.ops import GATED_ACTIVATIONS
 from moec.ir.verify import moec_op_name, moec_op_namespace, node_value
+from moec.passes.schedule_overlap import is_wait
 from moec.passes.util import getitems, mark, op, op_nodes
 
 NAME = "expert_parallel"
@@ -188,10 +189,32 @@ def expert_parallel(
             graph.erase_node(perm)
         changed += 1
     if changed:
+        _erase_unused_gathers(graph)
         _allow_split_sizes()
         torch._dynamo.utils.counters["moec"]["expert_parallel_layers"] += changed
     gm.recompile()
     return gm, changed
+
+
+def _gathered_shard(w: Node) -> Optional[Node]:
+    """``shard`` when ``w`` is ``wait_tensor(all_gather_into_tensor(shard, ...))``, else None."""
+    if not (isinstance(w, Node) and is_wait(w)):
+        return None
+    gather = w.args[0]
+    if isinstance(gather, Node) and gather.op == "call_function" and getattr(gather.target, "__name__", "").startswith(
+            "all_gather_into_tensor"):
+        return gather.args[0]
+    return None
+
+
+def _erase_unused_gathers(graph: torch.fx.Graph) -> None:
+    for node in reversed(list(graph.nodes)):
+        shard = _gathered_shard(node)
+        if shard is not None and not node.users:
+            gather = node.args[0]
+            graph.erase_node(node)
+            if not gather.users:
+                graph.erase_node(gather)
 
 
 def _allow_split_sizes() -> None:
@@ -257,10 +280,15 @@ def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, 
     order_TK, local_TK, counts_WC = (call(operator.getitem, plan, i, stage="plan") for i in range(3))
     send_l, recv_l = exchange_counts(counts_WC, peers1, group1)
 
-    w_in_l = call(torch.narrow, w_in, 0, rank * L, L, stage="weights")
-    w_out_l = call(torch.narrow, w_out, 0, rank * L, L, stage="weights")
-    b_in_l = None if b_in is None else call(torch.narrow, b_in, 0, rank * L, L, stage="weights")
-    b_out_l = None if b_out is None else call(torch.narrow, b_out, 0, rank * L, L, stage="weights")
+    def local(w):
+        """This rank's experts of ``w``: the shard itself when ``w`` is gathered from shards
+        (``moec.runtime.shard``), else a view of the whole tensor."""
+        if w is None:
+            return None
+        shard = _gathered_shard(w)
+        return shard if shard is not None else call(torch.narrow, w, 0, rank * L, L, stage="weights")
+
+    w_in_l, w_out_l, b_in_l, b_out_l = local(w_in), local(w_out), local(b_in), local(b_out)
     weights_dtype = getattr(node_value(weights_TK), "dtype", torch.float32)
 
     outs = []

@@ -55,14 +55,21 @@ WAIT = torch.ops._c10d_functional.wait_tensor.default
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
 
 
+def _namespace(target) -> str | None:
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace
+    if isinstance(target, torch._ops.OpOverloadPacket):  # dynamo records some ops as packets
+        return target._qualified_op_name.split("::")[0]
+    return None
+
+
 def is_wait(node: Node) -> bool:
-    return node.op == "call_function" and node.target is WAIT
+    return node.op == "call_function" and node.target in (WAIT, WAIT.overloadpacket)
 
 
 def is_issue(node: Node) -> bool:
-    target = node.target
-    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
-            and target.namespace in _COLLECTIVE_NAMESPACES and not is_wait(node))
+    return (node.op == "call_function" and _namespace(node.target) in _COLLECTIVE_NAMESPACES
+            and not is_wait(node))
 
 
 def _split_wait(node: Node) -> bool:

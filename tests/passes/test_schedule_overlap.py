@@ -232,3 +232,23 @@ def test_hierarchical_on_one_node_is_refused(group_name):
     model, _ = BUILTIN_MODELS["moe-mlp"]()
     with pytest.raises(ValueError, match="hierarchical=True needs more than one node"):
         moec.compile(model, expert_parallel=True, hierarchical=True)
+
+
+def test_sharded_stacked_weights_are_used_without_gathering(group_name):
+    """moec.runtime.shard: the captured graph gathers the shards (all experts' meaning); the
+    expert_parallel pass feeds the shard to the local experts and drops the gathers."""
+    from moec.capture import convert_model
+    from moec.runtime.shard import shard_experts
+
+    torch._dynamo.reset()
+    model, args = BUILTIN_MODELS["stacked-bmm"]()
+    convert_model(model)
+    assert shard_experts(model, group_name) == ["layers.0.moe", "layers.1.moe"]
+    (gm,) = capture_graphs(model, *args)
+    gathers = lambda g: [n for n in g.graph.nodes if "all_gather" in str(n.target)]  # noqa: E731
+    assert len(gathers(gm)) == 8  # w_in, w_out, b_in, b_out of 2 layers
+    gm, _ = run_pipeline(gm, None, target="reference", group_name=group_name, chunks=1)
+    assert gathers(gm) == []
+    for node in gm.graph.nodes:
+        if moec_op_name(node) == "grouped_gemm_act":
+            assert node.args[3].op == "placeholder"  # the shard parameter itself, no narrow
