@@ -387,7 +387,8 @@ def list_ffn_candidates(experts: list[nn.Module], hidden: int) -> Union[list[FFN
         for act, interleaved, alpha, limit in _activation_candidates(gated, experts[0]):
             if interleaved:
                 continue  # separate gate and up projections are never interleaved
-            candidates.append(FFNSpec(act, False, False, hidden, inter, alpha, limit, has_bias, fetch))
+            candidates.append(FFNSpec(act, False, False, hidden, inter, alpha, limit, has_bias, fetch,
+                                      sources=tuple(experts)))
     return candidates
 
 

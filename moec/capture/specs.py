@@ -63,6 +63,8 @@ class FFNSpec:
     fetch: Callable[[], tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]] = dataclasses.field(
         repr=False, default=None
     )
+    # The per-expert modules ``fetch`` stacks on each call (experts held as a module list), else ().
+    sources: tuple = dataclasses.field(repr=False, default=())
 
     def attrs(self) -> tuple:
         return (self.activation, self.transposed, self.interleaved, self.alpha, self.limit)
