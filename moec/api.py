@@ -75,11 +75,9 @@ def compile(model: nn.Module, **options: Any):
 def _ep_group_name(group, timeout_s) -> str:
     import torch.distributed as dist
 
-    from moec.runtime.group import ep_group
+    from moec.runtime.group import ep_group, require_distributed
 
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("moec.compile: expert_parallel=True needs torch.distributed initialised; call "
-                           "torch.distributed.init_process_group(...) on every rank first (torchrun sets it up)")
+    require_distributed("moec.compile(expert_parallel=True)")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"moec.compile: group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
     return ep_group(group, timeout_s).group_name

@@ -35,15 +35,17 @@ import torch
 import moec.capture  # noqa: F401  (installs the capture hook)
 from moec.ir.verify import verify
 from moec.passes.pipeline import PASS_NAMES, run_pipeline
-from moec.passes.schedule_overlap import PostGradSchedule, is_issue, schedule_graph
+from moec.passes.schedule_overlap import PostGradSchedule, is_issue, schedule_overlap
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
 
-def lower(gm: torch.fx.GraphModule, example_inputs: list, inner: str, schedule: bool = False):
-    """Compile ``gm`` with the inner compiler; ``schedule``: also run ``schedule_overlap``'s
-    scheduler on the forward and backward graphs AOT autograd derives (graphs with collectives)."""
-    schedule = schedule and any(is_issue(n) for n in gm.graph.nodes)
+def lower(gm: torch.fx.GraphModule, example_inputs: list, inner: str, schedule: bool = False,
+          in_flight: bool = False):
+    """Compile ``gm`` with the inner compiler. ``in_flight``: the graph issues collectives;
+    ``schedule``: then also run ``schedule_overlap`` on the forward and backward graphs AOT
+    autograd derives."""
+    schedule = schedule and in_flight
     if inner == "inductor":
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
@@ -51,7 +53,6 @@ def lower(gm: torch.fx.GraphModule, example_inputs: list, inner: str, schedule: 
         # Inductor reuses a buffer once its last reader ran, but an issued all-to-all still reads
         # its input (and fills its output) until its wait: with the waits moved late by
         # schedule_overlap, reuse corrupted rows in flight (seen on gloo). Keep buffers apart.
-        in_flight = any(is_issue(n) for n in gm.graph.nodes)
         patch = dict(allow_buffer_reuse=not in_flight)
         if schedule:
             patch["post_grad_custom_post_pass"] = PostGradSchedule()
@@ -70,8 +71,7 @@ def _scheduled(graph_module: torch.fx.GraphModule, inputs):
     """aot_eager's forward/backward compiler with the overlap schedule: run the graph as is."""
     from functorch.compile import make_boxed_func
 
-    if schedule_graph(graph_module.graph):
-        graph_module.recompile()
+    schedule_overlap(graph_module)
     torch._dynamo.utils.counters["moec"]["scheduled_aot_graphs"] += 1
     return make_boxed_func(graph_module.forward)
 
@@ -136,11 +136,6 @@ def chunk_chooser(chunks, hierarchical="auto", ranks_per_node=None):
     return choose
 
 
-def auto_chunks(info) -> int:
-    """The cost model's pipeline depth for a layer over one node (flat all-to-all)."""
-    return auto_schedule(info, None)[0]
-
-
 def auto_schedule(info, ranks_per_node=None) -> tuple[int, bool]:
     """(r, hierarchical) the cost model (``moec.runtime.cost_model``) predicts fastest for a layer
     (``moec.passes.expert_parallel.LayerInfo``), with this machine's stored calibration or the
@@ -168,8 +163,10 @@ def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Option
                                                     options["ep_nodes"][2] if options["ep_nodes"] else None),
                                nodes=tuple(options["ep_nodes"]) if options["ep_nodes"] else None)
     gm.meta["moec_passes"] = records
-    compiled = lower(gm, example_inputs, options["inner"], schedule="schedule_overlap" not in options["disable"])
-    if options["ep_group"] is None or not any(is_issue(n) for n in gm.graph.nodes):
+    in_flight = any(is_issue(n) for n in gm.graph.nodes)
+    compiled = lower(gm, example_inputs, options["inner"], schedule="schedule_overlap" not in options["disable"],
+                     in_flight=in_flight)
+    if options["ep_group"] is None or not in_flight:
         return compiled
     return _with_collective_errors(compiled, options["ep_group"])
 

@@ -93,12 +93,11 @@ Chunks = Union[int, Callable[[LayerInfo], Union[int, tuple[int, bool]]]]
 
 
 def resolve_group(group_name: str):
-    import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("moec: expert parallelism needs torch.distributed initialised; call "
-                           "torch.distributed.init_process_group(...) on every rank before compiling")
+    from moec.runtime.group import require_distributed
+
+    require_distributed("expert parallelism")
     return _resolve_process_group(group_name)
 
 

@@ -49,7 +49,7 @@ import torch.distributed.nn.functional as dist_autograd
 from torch import Tensor
 
 import moec.ir.lowered  # noqa: F401  (registers the moec:: ops)
-from moec.runtime.group import collective_errors, group_timeout_s
+from moec.runtime.group import collective_errors, group_timeout_s, require_distributed
 
 __all__ = ["contiguous_placement", "ep_moe"]
 
@@ -137,11 +137,7 @@ def _ep_moe(
     group: Optional[dist.ProcessGroup] = None,
     impl: str = "moec",
 ) -> Tensor:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "moec: expert parallelism needs torch.distributed initialised; call "
-            "torch.distributed.init_process_group(...) on every rank before ep_moe"
-        )
+    require_distributed("expert parallelism")
     ops = _ops(impl)
     world = dist.get_world_size(group)
     e_local = _check_args(x_TH, idx_TK, weights_TK, w_in_local, w_out_local, b_in_local, b_out_local,

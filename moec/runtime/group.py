@@ -78,6 +78,13 @@ _PEER_LOST_MARKS = (
 )
 
 
+def require_distributed(who: str) -> None:
+    """Raise the one clear error when torch.distributed is not initialised; ``who`` names what needs it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"moec: {who} needs torch.distributed initialised; call "
+                           "torch.distributed.init_process_group(...) on every rank first (torchrun sets it up)")
+
+
 def _check_timeout(value: float, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"moec: {source} must be a number of seconds, got {type(value).__name__} {value!r}")
@@ -186,11 +193,7 @@ def ep_group(group: Optional[dist.ProcessGroup] = None, timeout_s: Optional[floa
     ranks must agree on that too (a rank that misses the cache would wait for the others in
     ``new_group``). Creating the group also waits at most ``timeout_s`` for the peers and raises
     :class:`CollectiveError` if one is missing."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "moec: ep_group needs torch.distributed initialised; call "
-            "torch.distributed.init_process_group(...) on every rank first"
-        )
+    require_distributed("ep_group")
     timeout_s = timeout_from_env() if timeout_s is None else _check_timeout(timeout_s, "timeout_s")
     if group is not None and not isinstance(group, dist.ProcessGroup):  # NON_GROUP_MEMBER is an int
         raise ValueError(f"moec: rank {dist.get_rank()} is not a member of the group passed to ep_group")
@@ -239,8 +242,7 @@ def ep_node_groups(group: Optional[dist.ProcessGroup], ranks_per_node: int,
     Collective over the whole world: every rank of the job calls it with the same arguments (it
     creates every node's and every local index's group, keeping its own two). ``group`` must span
     the world, and its size must be a multiple of ``ranks_per_node``."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("moec: ep_node_groups needs torch.distributed initialised")
+    require_distributed("ep_node_groups")
     timeout_s = timeout_from_env() if timeout_s is None else _check_timeout(timeout_s, "timeout_s")
     world_size = dist.get_world_size()
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world_size))
@@ -252,14 +254,13 @@ def ep_node_groups(group: Optional[dist.ProcessGroup], ranks_per_node: int,
         raise ValueError(f"moec: ranks_per_node={P!r} must divide the {world_size} ranks of the group")
     key = (dist.group.WORLD, tuple(ranks), P, timeout_s)
     if key not in _NODE_GROUPS:
-        me = ranks.index(dist.get_rank())
         mine = {}
         timeout = datetime.timedelta(seconds=timeout_s)
         with collective_errors(f"creating the node groups of {P} ranks over ranks {ranks}", timeout_s):
             for kind, members in ([("intra", ranks[n * P:(n + 1) * P]) for n in range(world_size // P)]
                                   + [("inter", ranks[l::P]) for l in range(P)]):
                 pg = dist.new_group(members, timeout=timeout, group_desc=f"moec_ep_{kind}")
-                if ranks[me] in members:
+                if dist.get_rank() in members:
                     mine[kind] = pg
         _NODE_GROUPS[key] = (mine["intra"], mine["inter"])
     return _NODE_GROUPS[key]

@@ -79,14 +79,19 @@ class ExpertShards(nn.Module):
         return self.w_in, self.w_out, self.b_in, self.b_out
 
 
+def shards_holder(model: nn.Module, name: str) -> str:
+    """The module that holds layer ``name``'s ``moec_expert_shards``: the layer, or its nearest
+    ancestor that is not a module list or dict."""
+    while name and isinstance(model.get_submodule(name), (nn.ModuleList, nn.ModuleDict)):
+        name = name.rpartition(".")[0]
+    return name
+
+
 def _shard_module_list(model, name, spec, fetched, first, L, E) -> None:
     """Experts held as E modules: stack this rank's into ``moec_expert_shards`` (on the layer, or
     on its parent when the layer is itself a module list or dict) and free the per-expert weights."""
     shards = ExpertShards(fetched, first, L, E)
-    holder_name = name
-    while holder_name and isinstance(model.get_submodule(holder_name), (nn.ModuleList, nn.ModuleDict)):
-        holder_name = holder_name.rpartition(".")[0]
-    model.get_submodule(holder_name).add_module("moec_expert_shards", shards)
+    model.get_submodule(shards_holder(model, name)).add_module("moec_expert_shards", shards)
     sources = spec.ffn.sources
     spec.ffn = dataclasses.replace(spec.ffn, fetch=shards.fetch, sources=())
     with torch.no_grad():

@@ -19,7 +19,7 @@ from moec.capture import capture_graphs
 from moec.ir.verify import moec_op_name
 from moec.models.builtin import BUILTIN_MODELS
 from moec.passes.pipeline import run_pipeline
-from moec.passes.schedule_overlap import WAIT, is_issue, schedule_graph, schedule_overlap
+from moec.passes.schedule_overlap import WAIT, is_issue, schedule_overlap
 
 CHUNKS = 3
 
@@ -165,12 +165,12 @@ def test_backward_graph_is_scheduled_too(group_name, monkeypatch):
 
     seen = []
 
-    def recording(graph):
-        moved = schedule_graph(graph)
-        seen.append((graph, moved))
-        return moved
+    def recording(gm):
+        gm, moved = schedule_overlap(gm)
+        seen.append((gm.graph, moved))
+        return gm, moved
 
-    monkeypatch.setattr(moec.backend, "schedule_graph", recording)
+    monkeypatch.setattr(moec.backend, "schedule_overlap", recording)
     model, args = BUILTIN_MODELS["shared-expert"]()
     compiled = moec.compile(model, expert_parallel=True, chunks=CHUNKS, inner="aot_eager")
     compiled(args[0].requires_grad_(True)).sum().backward()
@@ -193,7 +193,7 @@ def test_backend_schedules_aot_graphs(group_name):
 
 
 def test_auto_chunks_is_the_cost_models_choice(monkeypatch):
-    from moec.backend import auto_chunks
+    from moec.backend import auto_schedule
     from moec.passes.expert_parallel import LayerInfo
     from moec.runtime.cost_model import Calibration, LayerShape, choose_schedule
 
@@ -205,6 +205,7 @@ def test_auto_chunks_is_the_cost_models_choice(monkeypatch):
     shape = LayerShape(tokens=4096, hidden=4096, expert_hidden=256, num_experts=64, top_k=8, gated=True,
                        dtype_bytes=2)
     chosen = choose_schedule(shape, 8, 8, calib)
+    auto_chunks = lambda i: auto_schedule(i, None)[0]  # noqa: E731  (one node)
     assert auto_chunks(info) == chosen.chunks > 1  # communication-heavy: pipelined
     assert auto_chunks(dataclasses.replace(info, world=1)) == 1
     assert auto_chunks(dataclasses.replace(info, tokens=None)) == 1  # dynamic token count

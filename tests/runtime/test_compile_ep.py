@@ -137,6 +137,7 @@ def _stacked_list_grads(model) -> dict:
     under the shard module's parameter names: the layer's ``fetch`` run on the gradients (each
     parameter's data swapped with its gradient for the call)."""
     from moec.capture import convert_model
+    from moec.runtime.shard import shards_holder
 
     convert_model(model)  # eager calls still run the model's own code
     out = {}
@@ -151,9 +152,7 @@ def _stacked_list_grads(model) -> dict:
         stacked = spec.ffn.fetch()
         for p, d in zip(params, saved):
             p.data = d
-        holder = name
-        while holder and isinstance(model.get_submodule(holder), (torch.nn.ModuleList, torch.nn.ModuleDict)):
-            holder = holder.rpartition(".")[0]
+        holder = shards_holder(model, name)
         for key, g in zip(("w_in", "w_out", "b_in", "b_out"), stacked):
             if g is not None:
                 out[f"{holder}.moec_expert_shards.{key}".lstrip(".")] = g.detach().clone()
