@@ -2,7 +2,7 @@
 """Expert-parallel overlap on gloo: the overlapped schedule against the sequential one, same run.
 
 Contract: ``python benchmarks/ep_overlap.py [--world 2] [--tokens 4096] [--hidden 1024]
-[--expert-hidden 32] [--experts 8] [--top-k 2] [--chunks 2 4] [--repeat 15] [--out NAME]`` spawns
+[--expert-hidden 32] [--experts 8] [--top-k 2] [--chunks 2 4] [--repeat 15] [--fresh-buffers] [--no-predict] [--out NAME]`` spawns
 ``--world`` gloo ranks on this machine, compiles one communication-heavy MoE layer (wide hidden,
 narrow experts: the all-to-alls move ``T*K*H`` floats each way while the experts do
 ``~6*T*K*H*I`` FLOPs) with ``moec.compile(..., expert_parallel=True, inner="aot_eager")`` in each
@@ -21,6 +21,13 @@ Rows (each rank feeds its own tokens; a step ends when every rank is done, by a 
   sizes taken from the step's routing), without the experts: the time the all-to-alls take.
 
 Hidden fraction of the all-to-all for a schedule: ``(sequential - schedule) / comm only``.
+
+Prediction (unless ``--no-predict``): after the timings, the same ranks run
+``moec.runtime.calibrate.calibrate`` at the layer's shape, with all-to-all sizes up to the layer's
+row exchange (``T*K*H*4`` bytes per rank), and every row gets ``moec.runtime.cost_model.predict``'s
+time for its schedule (``sequential`` and ``overlap r=1``: r=1; ``overlap r=R``: ``chunks=R``;
+``comm only``: the exchange terms ``t_cnt + d_1 + m_1`` at r=1, wake-up included) with the
+routing's measured skew, and its error ``predicted / measured - 1``.
 
 Method: every schedule is compiled once, warmed up, then the schedules are timed round-robin,
 ``--repeat`` rounds (so drift of this shared machine hits all alike); each step is a
@@ -80,7 +87,25 @@ def _comm_only(x_TH, idx_TK, opts, group):
     dist.all_to_all_single(back, got, send, recv, group=group)
 
 
+def _reuse_large_buffers() -> bool:
+    """Ask glibc's malloc to serve large blocks from its heap and keep them (no mmap per block, no
+    trim): a freed 32 MB buffer is then reused by the next one instead of being unmapped and
+    faulted in again page by page, which on this project's VM costs ~16 ms per 32 MB (2 GB/s)
+    and would dominate every row. tcmalloc or jemalloc, which PyTorch recommends for CPU runs, do
+    the same. False where there is no glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def _worker(rank: int, world: int, opts) -> dict:
+    if opts.reuse_large_buffers:
+        _reuse_large_buffers()
     import moec
     from moec.runtime import ep_group
 
@@ -112,7 +137,39 @@ def _worker(rank: int, world: int, opts) -> dict:
                 step(x_TH.unsqueeze(0))
                 dist.barrier(group)
                 times[name].append(time.perf_counter() - start)
-    return times
+    pred = _predict(layer, x_TH, opts, group) if opts.predict else None
+    return dict(times=times, prediction=pred)
+
+
+def _shape(opts):
+    from moec.runtime.cost_model import LayerShape
+
+    return LayerShape(tokens=opts.tokens, hidden=opts.hidden, expert_hidden=opts.expert_hidden,
+                      num_experts=opts.experts, top_k=opts.top_k, gated=True, dtype_bytes=4, name="ep_overlap")
+
+
+def _predict(layer, x_TH, opts, group) -> dict:
+    """Calibrate on these ranks (sizes up to the layer's exchanges) and predict every row."""
+    from moec.runtime.calibrate import DEFAULT_A2A_BYTES, calibrate
+    from moec.runtime.cost_model import predict
+
+    W = dist.get_world_size(group)
+    shape = _shape(opts)
+    row_bytes = opts.tokens * opts.top_k * opts.hidden * 4
+    sizes = sorted({*DEFAULT_A2A_BYTES, *(row_bytes // d for d in (16, 4, 2, 1))})
+    calib = calibrate(shape, group=group, sizes_bytes=sizes)
+    with torch.no_grad():
+        _, idx_TK = layer.route(x_TH)
+    received_W = torch.bincount(idx_TK.reshape(-1) // (opts.experts // W), minlength=W)
+    dist.all_reduce(received_W, group=group)
+    skew = float(received_W.max() / received_W.double().mean())
+    rows = {}
+    for name, sched in _schedules(opts).items():
+        rows[name] = predict(shape, W, W, calib, chunks=sched["chunks"], skew=skew)["time"]
+    seq = predict(shape, W, W, calib, skew=skew)
+    rows["comm only"] = seq["t_cnt"] + seq["d_1"] + seq["m_1"]
+    return dict(seconds=rows, skew=skew, calibration=calib.to_dict(), terms_s={k: seq[k] for k in
+                                                                               ("t_cnt", "d_1", "c_1", "m_1")})
 
 
 def main(argv=None) -> int:
@@ -125,26 +182,41 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--chunks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--fresh-buffers", dest="reuse_large_buffers", action="store_false",
+                   help="leave glibc's malloc as it is (large buffers unmapped and faulted in again each step)")
+    p.add_argument("--no-predict", dest="predict", action="store_false",
+                   help="skip the calibration and the cost model's predictions")
     p.add_argument("--out", help="write benchmarks/results/<OUT>.json")
     opts = p.parse_args(argv)
-    times = spawn_gloo(_worker, opts.world, opts, timeout_s=300)[0]  # rank 0's clock
+    got = spawn_gloo(_worker, opts.world, opts, timeout_s=600)[0]  # rank 0's clock
+    times, prediction = got["times"], got["prediction"]
     med = {name: statistics.median(ts) for name, ts in times.items()}
     comm = med["comm only"]
     seq = med["sequential"]
     print(f"# {opts.world} gloo ranks, {opts.tokens} tokens/rank, H={opts.hidden}, I={opts.expert_hidden}, "
           f"E={opts.experts}, K={opts.top_k}, forward, median of {opts.repeat}")
-    print(f"{'schedule':<14} {'ms':>9} {'vs seq':>8} {'a2a hidden':>11}")
+    print(f"{'schedule':<14} {'ms':>9} {'vs seq':>8} {'a2a hidden':>11}"
+          + (f" {'predicted ms':>13} {'error':>7}" if prediction else ""))
     rows = []
     for name, t in med.items():
         hidden = None if name in ("comm only", "sequential") else (seq - t) / comm
-        rows.append(dict(schedule=name, median_s=t, speedup_vs_sequential=seq / t, a2a_hidden_fraction=hidden,
-                         times_s=times[name]))
-        print(f"{name:<14} {t * 1e3:9.2f} {seq / t:7.2f}x {'' if hidden is None else f'{hidden:10.0%}':>11}")
+        row = dict(schedule=name, median_s=t, speedup_vs_sequential=seq / t, a2a_hidden_fraction=hidden,
+                   times_s=times[name])
+        line = f"{name:<14} {t * 1e3:9.2f} {seq / t:7.2f}x {'' if hidden is None else f'{hidden:10.0%}':>11}"
+        if prediction:
+            p_s = prediction["seconds"][name]
+            row.update(predicted_s=p_s, rel_error=p_s / t - 1)
+            line += f" {p_s * 1e3:13.2f} {p_s / t - 1:+7.0%}"
+        rows.append(row)
+        print(line)
+    if prediction:
+        print(f"routing skew {prediction['skew']:.3f}; terms at r=1: "
+              + ", ".join(f"{k}={v * 1e3:.2f} ms" for k, v in prediction["terms_s"].items()))
     if opts.out:
         os.makedirs(RESULTS, exist_ok=True)
         doc = dict(benchmark="ep_overlap", settings=vars(opts), torch=torch.__version__, python=sys.version.split()[0],
                    machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
-                   device="cpu (gloo, one machine)", rows=rows)
+                   device="cpu (gloo, one machine)", rows=rows, prediction=prediction)
         path = os.path.join(RESULTS, f"{opts.out}.json")
         with open(path, "w") as f:
             json.dump(doc, f, indent=1)

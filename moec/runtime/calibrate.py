@@ -8,9 +8,10 @@ Contract
   layer issues), the local memory bandwidth (a row gather of the layer's size), the GEMM
   throughput (the layer's two expert GEMMs at a few row counts, least-squares slope), and
   ``all_to_all_single`` at several message sizes
-  (each after a little compute, as in a layer: see ``measure_a2a``), from which ``fit_alpha_beta``
-  fits the intra-node link's alpha and beta; on CPU, ``measure_wake`` measures the extra cost of
-  an exchange issued after a long compute phase. The slowest rank's numbers are kept (a collective
+  (each after a little compute and into a fresh output buffer, as in a layer: see
+  ``measure_a2a``), from which ``fit_alpha_beta`` fits the intra-node link's alpha and beta; on
+  CPU, ``measure_wake`` measures the extra cost of an exchange issued after a long compute phase
+  and ``measure_overlap`` how much of an exchange hides under compute run at the same time. The slowest rank's numbers are kept (a collective
   layer waits for it). The inter-node link cannot be measured on one machine: it is the assumed
   one (``Calibration.with_assumed_inter``). With one rank only the compute is measured and both
   links are assumed.
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 from moec.runtime.cost_model import Calibration, LayerShape, calibration_path, cpu_model
 
-__all__ = ["calibrate", "calibrate_spawned", "fit_alpha_beta", "fit_line", "main"]
+__all__ = ["calibrate", "calibrate_spawned", "fit_alpha_beta", "fit_line", "main", "measure_overlap"]
 
 # Bytes one rank sends in all, per all-to-all (split evenly over the ranks).
 DEFAULT_A2A_BYTES = (256, 4096, 32768, 131072, 524288, 2097152, 4194304)
@@ -145,7 +146,8 @@ def measure_compute(shape: Optional[LayerShape] = None, device: torch.device | s
     rows = shape.tokens * shape.top_k  # R at uniform routing
     x_RH = torch.randn(rows, H, generator=g).to(device, dtype)
     perm_R = torch.randperm(rows, generator=g).to(device)
-    gather = lambda: x_RH[perm_R]  # noqa: E731
+    # index_select, as the lowered ops and ep_moe gather rows (advanced indexing is ~3x slower on CPU).
+    gather = lambda: x_RH.index_select(0, perm_R)  # noqa: E731
     t_gather = _per_call(gather, _calls_for(gather, device), device)
     mem = 2 * x_RH.numel() * x_RH.element_size() / max(t_gather - overhead, 1e-9)
 
@@ -208,7 +210,10 @@ def measure_a2a(sizes_bytes: Sequence[int] = DEFAULT_A2A_BYTES, group=None, devi
     on a CPU core) and its time is that of the (compute, exchange) burst less the compute's alone:
     a layer issues its exchanges between compute, and on a CPU machine whose cores the ranks
     share such an exchange was measured at several times the cost of one in a tight loop (the
-    peer's process and gloo's threads must be woken first), which is the cost the layer pays."""
+    peer's process and gloo's threads must be woken first), which is the cost the layer pays.
+    Each exchange writes a fresh output buffer, as a layer's does (functional collectives
+    allocate theirs): where the allocator hands large blocks back to the OS, the pages are
+    faulted in again on every call, and the layer pays that too."""
     device = torch.device(device)
     world = dist.get_world_size(group)
     barrier = lambda: dist.barrier(group=group)  # noqa: E731
@@ -220,12 +225,11 @@ def measure_a2a(sizes_bytes: Sequence[int] = DEFAULT_A2A_BYTES, group=None, devi
     for n in sizes_bytes:
         elems = max(world, n // 4 // world * world)
         send = torch.randn(elems, device=device)
-        recv = torch.empty_like(send)
 
         def step():
             if interleave:
                 work()
-            dist.all_to_all_single(recv, send, group=group)
+            dist.all_to_all_single(torch.empty_like(send), send, group=group)
 
         calls = int(_agree(_calls_for(step, device), group, device, dist.ReduceOp.MIN))
         t = _per_call(step, calls, device, barrier=barrier)
@@ -255,6 +259,39 @@ def measure_wake(group=None, device: torch.device | str = "cpu") -> float:
         t_step = _per_call(step, 5, device, barrier=barrier, bursts=2 * BURSTS)
         cost.append(_agree(t_step - t_work, group, device, dist.ReduceOp.MAX))
     return max(0.0, cost[1] - cost[0])
+
+
+def measure_overlap(group=None, device: torch.device | str = "cpu", nbytes: int = 1 << 22) -> float:
+    """Overlap efficiency eta (``Calibration.overlap``): the fraction of the shorter of an
+    exchange of ``nbytes`` per rank and a stretch of compute of similar length that is hidden when
+    the exchange is issued asynchronously and the compute runs before its wait:
+    ``(t_compute + t_exchange - t_both) / min(t_compute, t_exchange)``, clamped to [0, 1]; the
+    slowest rank's (MIN over ranks); collective."""
+    device = torch.device(device)
+    barrier = lambda: dist.barrier(group=group)  # noqa: E731
+    world = dist.get_world_size(group)
+    send = torch.randn(max(world, nbytes // 4 // world * world), device=device)
+
+    def exchange(async_op=False):
+        return dist.all_to_all_single(torch.empty_like(send), send, group=group, async_op=async_op)
+
+    t_x = _agree(_per_call(exchange, 5, device, barrier=barrier), group, device, dist.ReduceOp.MAX)
+    # Compute of about the exchange's length: 64x64 products, ~5 us each on a CPU core.
+    probe = _work(device, 20)
+    t_probe = _agree(_per_call(probe, 5, device, barrier=barrier), group, device, dist.ReduceOp.MAX)
+    work = _work(device, max(1, int(20 * t_x / max(t_probe, 1e-9))))
+    t_w = _agree(_per_call(work, 5, device, barrier=barrier), group, device, dist.ReduceOp.MAX)
+
+    def both():
+        handle = exchange(async_op=True)
+        work()
+        handle.wait()
+
+    both()
+    t_both = _agree(_per_call(both, 5, device, barrier=barrier, bursts=2 * BURSTS), group, device,
+                    dist.ReduceOp.MAX)
+    eta = (t_w + t_x - t_both) / max(min(t_w, t_x), 1e-12)
+    return min(1.0, max(0.0, eta))
 
 
 def _work(device: torch.device, repeats: int = 20) -> Callable[[], object]:
@@ -313,8 +350,12 @@ def calibrate(shape: Optional[LayerShape] = None, group=None, device: torch.devi
         seconds = measure_a2a(sizes_bytes, group, device)
         alpha, beta = fit_alpha_beta(sizes_bytes, seconds, world)
         calib.alpha_s["intra"], calib.beta_s_per_byte["intra"] = alpha, beta
-        calib.wake_s = measure_wake(group, device) if device.type == "cpu" else 0.0
-        calib.measured += ["intra", "wake_s"] if device.type == "cpu" else ["intra"]
+        if device.type == "cpu":
+            calib.wake_s = measure_wake(group, device)
+            calib.overlap = measure_overlap(group, device)
+            calib.measured += ["intra", "wake_s", "overlap"]
+        else:  # NCCL's kernels neither sleep nor share the SMs' work: both assumed
+            calib.measured += ["intra"]
         calib.world_size, calib.backend = world, dist.get_backend(group)
         calib.samples["a2a"] = dict(bytes_per_rank=list(sizes_bytes), seconds=seconds)
     return calib.with_assumed_inter()

@@ -53,12 +53,17 @@ routing skew (1: uniform routing, every rank receives as many slots as it sends)
   experts).
 * Chunked pipeline (Tutel, Lancet): the slots are split into r chunks; dispatch(i+1), experts(i)
   and combine(i-1) overlap. Communication is one stream (dispatch and combine share the links),
-  compute another: ``t(r) = t_cnt + d_1 + c_1 + m_1 + (r-1)*Max(c_1, d_1 + m_1)`` with d_1, c_1, m_1
-  one chunk's dispatch, compute and combine. Every chunk pays the alpha terms, its ops' overheads and
+  compute another: ``t(r) = t_cnt + d_1 + c_1 + m_1 + (r-1)*ov(c_1, d_1 + m_1)`` with d_1, c_1, m_1
+  one chunk's dispatch, compute and combine, and ``ov(a, b) = Max(a, b) + (1-eta)*Min(a, b)`` the
+  time of two things run at once: ``eta`` (``Calibration.overlap``) is the fraction of the shorter
+  one that is hidden. On a GPU the exchanges run on the copy engines and NVLink while the SMs
+  compute (assumed eta = 1); on CPUs whose cores the ranks share (gloo on one machine), gloo's
+  threads copy every byte on the same cores the experts need, and ``moec.runtime.calibrate``
+  measured eta ~0 on this project's 2-core VM: there, chunking only adds latency. Every chunk pays the alpha terms, its ops' overheads and
   a full read of the local weights again; fill and drain are the first d_1 and the last m_1. The
   counts of all chunks go in one exchange (8*W*r bytes). r=1 is the sequential layer.
 * Shared expert overlapped with the dispatch: it runs on the compute stream while chunk 1's rows
-  are in flight: ``d_1 + s`` becomes ``Max(d_1, s)``.
+  are in flight: ``d_1 + s`` becomes ``ov(d_1, s)``.
 * Exposed communication = predicted time - compute-stream busy time (``r*c_1 + s``).
 
 When E < W every expert is assumed replicated W/E times with its slots split evenly over the
@@ -70,7 +75,8 @@ two link classes, and the backward pass.
 Assumed defaults (``Calibration.default()``; marked assumed in every output): an H100-class node,
 400 TFLOP/s on the expert GEMMs (dense bf16 peak 989, ~480 measured on grouped GEMMs at 1.5k
 rows), 5 us per kernel launch, 2.5 TB/s HBM; intra-node NVLink-class 3 us and 200 GB/s per GPU in
-an all-to-all; inter-node 400 Gb/s InfiniBand-class, 5 us and 50 GB/s per GPU; no wake-up cost. A calibration
+an all-to-all; inter-node 400 Gb/s InfiniBand-class, 5 us and 50 GB/s per GPU; no wake-up cost;
+communication fully overlapped with compute (eta = 1). A calibration
 measured on one machine measures compute and the intra link only; its inter-node link is the
 assumed one, but never faster than the measured intra link (``Calibration.with_assumed_inter``).
 
@@ -78,7 +84,7 @@ Legend (sympy symbols, ``SYMBOLS``): T tokens per rank, H hidden, I expert hidde
 K top-k, g first-GEMM width factor (2 gated, 1 not; F = g*I), b bytes per element, S shared-expert
 hidden (0: none), W ranks, P ranks per node (min(P, W)), r chunks, sigma routing skew, Phi FLOP/s,
 o seconds per op, B local memory bytes/s, alpha_intra / beta_intra and alpha_inter / beta_inter
-the links, w the wake-up cost of an exchange after compute, L = max(1, ceil(E/W)) local experts,
+the links, w the wake-up cost of an exchange after compute, eta the overlap efficiency, L = max(1, ceil(E/W)) local experts,
 R = sigma*T*K slots received.
 """
 
@@ -211,6 +217,7 @@ ASSUMED = dict(
     alpha_s={"intra": 3e-6, "inter": 5e-6},
     beta_s_per_byte={"intra": 1 / 200e9, "inter": 1 / 50e9},
     wake_s=0.0,
+    overlap=1.0,
 )
 
 
@@ -256,9 +263,10 @@ def calibration_path(key: Optional[str] = None) -> Path:
 @dataclass
 class Calibration:
     """The machine constants of the cost model. ``measured`` names what was measured (any of
-    ``flops_per_s``, ``op_overhead_s``, ``mem_bytes_per_s``, ``intra``, ``inter``, ``wake_s``); the
-    rest is assumed. ``wake_s`` is the extra cost of an exchange issued right after a long compute
-    phase (see the module docstring). ``world_size`` is the number of ranks the intra link was measured with (0: never),
+    ``flops_per_s``, ``op_overhead_s``, ``mem_bytes_per_s``, ``intra``, ``inter``, ``wake_s``,
+    ``overlap``); the rest is assumed. ``wake_s`` is the extra cost of an exchange issued right after
+    a long compute phase, ``overlap`` (eta, in [0, 1]) the fraction of an exchange hidden under
+    compute run at the same time (see the module docstring). ``world_size`` is the number of ranks the intra link was measured with (0: never),
     ``threads`` the torch threads per rank. ``samples`` keeps the raw measurements."""
 
     device: str
@@ -268,6 +276,7 @@ class Calibration:
     alpha_s: dict[str, float]
     beta_s_per_byte: dict[str, float]
     wake_s: float = 0.0
+    overlap: float = 1.0
     measured: list[str] = field(default_factory=list)
     world_size: int = 0
     threads: int = 0
@@ -283,6 +292,8 @@ class Calibration:
         for name, v in [("flops_per_s", self.flops_per_s), ("mem_bytes_per_s", self.mem_bytes_per_s)]:
             if not v > 0:
                 raise ValueError(f"moec: calibration {name} must be positive, got {v}")
+        if not 0 <= self.overlap <= 1:
+            raise ValueError(f"moec: calibration overlap (eta) must be in [0, 1], got {self.overlap}")
 
     @classmethod
     def default(cls) -> "Calibration":
@@ -290,7 +301,7 @@ class Calibration:
 
     @property
     def assumed(self) -> list[str]:
-        return [k for k in ("flops_per_s", "op_overhead_s", "mem_bytes_per_s", *LINKS, "wake_s")
+        return [k for k in ("flops_per_s", "op_overhead_s", "mem_bytes_per_s", *LINKS, "wake_s", "overlap")
                 if k not in self.measured]
 
     def with_assumed_inter(self) -> "Calibration":
@@ -310,7 +321,7 @@ class Calibration:
         for link in LINKS:
             parts.append(f"{link} alpha {self.alpha_s[link] * 1e6:.3g} us, beta^-1 "
                          f"{1 / self.beta_s_per_byte[link] / 1e9:.4g} GB/s")
-        parts.append(f"wake-up {self.wake_s * 1e6:.3g} us")
+        parts.append(f"wake-up {self.wake_s * 1e6:.3g} us, overlap eta {self.overlap:.2f}")
         where = f" at {self.world_size} ranks" if self.world_size else ""
         threads = f", {self.threads} thread(s)/rank" if self.threads else ""
         how = (f"measured{where}{threads}: {', '.join(self.measured)}; " if self.measured else "") + \
@@ -320,7 +331,8 @@ class Calibration:
     def symbol_values(self) -> dict[str, float]:
         return dict(Phi=self.flops_per_s, o=self.op_overhead_s, B=self.mem_bytes_per_s,
                     alpha_intra=self.alpha_s["intra"], beta_intra=self.beta_s_per_byte["intra"],
-                    alpha_inter=self.alpha_s["inter"], beta_inter=self.beta_s_per_byte["inter"], w=self.wake_s)
+                    alpha_inter=self.alpha_s["inter"], beta_inter=self.beta_s_per_byte["inter"], w=self.wake_s,
+                    eta=self.overlap)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(version=CALIBRATION_VERSION, assumed=self.assumed, **dataclasses.asdict(self))
@@ -373,9 +385,9 @@ class Calibration:
 # The expressions
 # ----------------------------------------------------------------------------------------------
 
-_NAMES = ("T H I E K g b S W P r sigma Phi o B alpha_intra beta_intra alpha_inter beta_inter w").split()
+_NAMES = ("T H I E K g b S W P r sigma Phi o B alpha_intra beta_intra alpha_inter beta_inter w eta").split()
 SYMBOLS: dict[str, sp.Symbol] = {
-    n: sp.Symbol(n, nonnegative=True) if n in ("S", "w") else sp.Symbol(n, positive=True) for n in _NAMES
+    n: sp.Symbol(n, nonnegative=True) if n in ("S", "w", "eta") else sp.Symbol(n, positive=True) for n in _NAMES
 }
 # The structural formula's terms (one chunk's dispatch, compute, combine; shared expert; counts).
 TERMS = {n: sp.Symbol(n, nonnegative=True) for n in ("t_cnt", "d_1", "c_1", "m_1", "s")}
@@ -419,14 +431,19 @@ def term_definitions(hierarchical: bool) -> dict[sp.Symbol, sp.Expr]:
     }
 
 
+def overlapped(a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    """Time of ``a`` and ``b`` run at once: the longer, plus the part of the shorter not hidden."""
+    return sp.Max(a, b) + (1 - SYMBOLS["eta"]) * sp.Min(a, b)
+
+
 def structural(overlap_shared: bool, sequential: bool = False) -> sp.Expr:
     """The schedule's time in terms of ``TERMS`` (see the module docstring)."""
     t_cnt, d, c, m, s = (TERMS[n] for n in ("t_cnt", "d_1", "c_1", "m_1", "s"))
     if sequential:
         return t_cnt + d + s + c + m
     r = SYMBOLS["r"]
-    first = sp.Max(d, s) if overlap_shared else d + s
-    return t_cnt + first + c + m + (r - 1) * sp.Max(c, d + m)
+    first = overlapped(d, s) if overlap_shared else d + s
+    return t_cnt + first + c + m + (r - 1) * overlapped(c, d + m)
 
 
 def layer_time(*, hierarchical: bool = False, overlap_shared: bool = False, sequential: bool = False) -> sp.Expr:
@@ -582,10 +599,12 @@ class Schedule:
                 f"the per-op overheads and a re-read of the local weights" if nxt is not None else
                 f"r={self.chunks} is the most chunks allowed")
         if self.chunks == 1:
-            reasons.append(f"no chunking: {more}, more than it hides")
+            eta = self.calibration.overlap
+            reasons.append(f"no chunking: {more}, more than it hides"
+                           + (f" (eta={eta:.2f}: {1 - eta:.0%} of what runs at once is not hidden)" if eta < 1 else ""))
         else:
-            hidden = min(t["c_1"], t["d_1"] + t["m_1"]) * (self.chunks - 1)
-            reasons.append(f"r={self.chunks} hides (r-1)*min(c_1, d_1+m_1) = {_ms(hidden)} and takes "
+            hidden = self.calibration.overlap * min(t["c_1"], t["d_1"] + t["m_1"]) * (self.chunks - 1)
+            reasons.append(f"r={self.chunks} hides (r-1)*eta*min(c_1, d_1+m_1) = {_ms(hidden)} and takes "
                            f"{_ms(p['moec'])}; {more}")
         flat = [sec for r, h, o, sec in self.candidates if not h and r == self.chunks and o == self.overlap_shared]
         if self.hierarchical and flat:

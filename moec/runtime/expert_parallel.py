@@ -158,7 +158,7 @@ def _ep_moe(
     send_splits, recv_splits = send_W.tolist(), recv_W.tolist()
 
     # 3. rows and their local expert ids
-    xs_NH = x_TH[torch.div(order_N, K, rounding_mode="floor")]
+    xs_NH = x_TH.index_select(0, torch.div(order_N, K, rounding_mode="floor"))
     xr_RH = _exchange_rows(xs_NH, recv_splits, send_splits, group)
     local_N = (idx_N[order_N] - owner_N[order_N] * e_local).unsqueeze(-1)
     # [R, 1]: the received rows are a top-1 routing over the local experts, so ``permute`` groups them.

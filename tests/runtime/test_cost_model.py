@@ -46,8 +46,9 @@ def cpu_like() -> Calibration:
     """Numbers of the order a gloo calibration on a small CPU machine gives."""
     return Calibration(device="test cpu", flops_per_s=40e9, op_overhead_s=4e-6, mem_bytes_per_s=15e9,
                        alpha_s={"intra": 150e-6, "inter": 150e-6},
-                       beta_s_per_byte={"intra": 1 / 2e9, "inter": 1 / 2e9}, wake_s=500e-6,
-                       measured=["flops_per_s", "op_overhead_s", "mem_bytes_per_s", "intra", "wake_s"], world_size=2,
+                       beta_s_per_byte={"intra": 1 / 2e9, "inter": 1 / 2e9}, wake_s=500e-6, overlap=0.5,
+                       measured=["flops_per_s", "op_overhead_s", "mem_bytes_per_s", "intra", "wake_s", "overlap"],
+                       world_size=2,
                        threads=1)
 
 
@@ -65,10 +66,10 @@ def test_one_chunk_is_the_sequential_layer():
     assert SYMBOLS["r"] not in seq.free_symbols
 
 
-def test_overlapping_the_shared_expert_hides_the_shorter_of_it_and_the_dispatch():
-    r, d, s = SYMBOLS["r"], TERMS["d_1"], TERMS["s"]
+def test_overlapping_the_shared_expert_hides_eta_of_the_shorter_of_it_and_the_dispatch():
+    r, d, s, eta = SYMBOLS["r"], TERMS["d_1"], TERMS["s"], SYMBOLS["eta"]
     gain = structural(overlap_shared=False) - structural(overlap_shared=True)
-    assert sp.simplify((gain - sp.Min(d, s)).rewrite(sp.Piecewise)) == 0
+    assert sp.simplify((gain - eta * sp.Min(d, s)).rewrite(sp.Piecewise)) == 0
     assert sp.simplify(structural(False).subs(r, 1) - structural(False, sequential=True)) == 0
 
 
@@ -142,6 +143,21 @@ def test_chunking_chosen_when_compute_and_comm_are_comparable():
     s = choose_schedule(DEEPSEEK, 64, 8, Calibration.default())
     assert s.chunks > 1 and s.overlap_shared
     assert s.predicted["exposed_comm"] < s.predicted["exposed_comm_sequential"]
+
+
+def test_nothing_overlaps_without_overlap_efficiency():
+    """eta = 0 (ranks whose exchanges take the cores the experts need): chunks and overlap only add
+    latency, so the sequential schedule is chosen; eta = 1 hides all of the shorter stream."""
+    blind = dataclasses.replace(Calibration.default(), overlap=0.0)
+    s = choose_schedule(DEEPSEEK, 64, 8, blind)
+    assert (s.chunks, s.overlap_shared) == (1, False)
+    assert "eta=0.00" in s.explain()
+    full = predict(DEEPSEEK, 64, 8, Calibration.default(), chunks=4)
+    none = predict(DEEPSEEK, 64, 8, blind, chunks=4)
+    hidden = 3 * min(full["c_1"], full["d_1"] + full["m_1"])
+    assert none["time"] - full["time"] == pytest.approx(hidden, rel=1e-9)
+    with pytest.raises(ValueError, match="overlap"):
+        dataclasses.replace(Calibration.default(), overlap=1.5)
 
 
 def test_explanation_names_the_symbols_and_the_choice():
@@ -224,7 +240,7 @@ def test_without_stored_calibration_the_defaults_are_assumed(tmp_path, monkeypat
     monkeypatch.setenv("MOEC_CACHE_DIR", str(tmp_path))
     calib, source = Calibration.for_this_machine()
     assert calib == Calibration.default() and "assumed defaults" in source
-    assert set(calib.assumed) == {"flops_per_s", "op_overhead_s", "mem_bytes_per_s", "intra", "inter", "wake_s"}
+    assert set(calib.assumed) == {"flops_per_s", "op_overhead_s", "mem_bytes_per_s", "intra", "inter", "wake_s", "overlap"}
 
 
 def test_bad_calibration_files(tmp_path):
@@ -282,10 +298,10 @@ def test_calibration_on_two_gloo_ranks():
     small = LayerShape(tokens=64, hidden=64, expert_hidden=64, num_experts=2, top_k=1)
     calib = calibrate_spawned(2, shape=small, threads=1, sizes_bytes=(256, 65536, 1048576))
     assert calib.world_size == 2 and calib.backend == "gloo" and calib.threads == 1
-    assert set(calib.measured) == {"flops_per_s", "op_overhead_s", "mem_bytes_per_s", "intra", "wake_s"}
+    assert set(calib.measured) == {"flops_per_s", "op_overhead_s", "mem_bytes_per_s", "intra", "wake_s", "overlap"}
     assert calib.assumed == ["inter"]
     assert calib.flops_per_s > 0 and calib.alpha_s["intra"] >= 0 and calib.beta_s_per_byte["intra"] > 0
-    assert calib.wake_s >= 0
+    assert calib.wake_s >= 0 and 0 <= calib.overlap <= 1
     assert len(calib.samples["a2a"]["seconds"]) == len(calib.samples["a2a"]["bytes_per_rank"])
     choose_schedule(small, 2, 8, calib)  # usable as it is
 
