@@ -18,6 +18,8 @@ Contract:
   ``moec.runtime.CollectiveError`` within that time. The backward's exchanges raise the backend's
   own error within the same time; wrap ``loss.backward()`` in ``moec.runtime.collective_errors``
   for the same message.
+  ``profile=`` a ``moec.runtime.profiler.RoutingProfiler``: the compiled model records each MoE
+  layer's routing into it as it runs (forward only; ``profiler.trace()`` reads it).
 - ``inspect(model, *args, **kwargs)`` converts, traces the call once with dynamo (no lowering,
   the model's outputs are not used) and returns a ``Report``: the MoE layers found, the graph
   breaks of the whole call with their reasons, the layers left alone, and the captured graphs.
@@ -36,7 +38,7 @@ from moec.passes.select_impl import load_target
 from moec.report import Fallback, Report
 
 _COMPILE_OPTIONS = ("inner", "target", "disable", "dynamic", "fullgraph", "expert_parallel", "group", "chunks",
-                    "timeout_s", "ranks_per_node", "hierarchical")
+                    "timeout_s", "ranks_per_node", "hierarchical", "profile")
 _EP_OPTIONS = ("group", "chunks", "timeout_s", "ranks_per_node", "hierarchical")
 
 
@@ -54,6 +56,10 @@ def compile(model: nn.Module, **options: Any):
     elif any(k in options for k in _EP_OPTIONS):
         raise TypeError(f"moec.compile: {', '.join(k for k in _EP_OPTIONS if k in options)} apply to expert "
                         "parallelism; pass expert_parallel=True")
+    if options.get("profile") is not None:
+        backend_options["profile"] = options["profile"]
+        if isinstance(model, nn.Module) and hasattr(options["profile"], "bind"):
+            options["profile"].bind(model)  # compiled graphs then name layers as eager recording does
     backend_options = check_options(backend_options, "moec.compile")
     if backend_options["target"] == "triton":
         load_target("triton")  # fail here, not inside dynamo, when no GPU or interpreter can run the kernels

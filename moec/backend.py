@@ -20,6 +20,8 @@ parallel over that group, with its tokens in ``options["ep_chunks"]`` pipelined 
 chosen by the cost model; an int forces it). ``options["ep_nodes"]`` = (intra-node group name,
 inter-node group name, ranks per node) allows a hierarchical all-to-all, used per layer as
 ``options["ep_hierarchical"]`` says ("auto": the cost model's choice, True, False).
+``options["profile"]`` (a ``moec.runtime.profiler.RoutingProfiler``) runs the
+``profile_routing`` pass first: the compiled graph records every MoE layer's routing into it.
 
 Registered as the ``torch_dynamo_backends`` entry point ``moec``, so
 ``torch.compile(model, backend="moec", options={...})`` works without importing moec.
@@ -77,7 +79,7 @@ def _scheduled(graph_module: torch.fx.GraphModule, inputs):
 
 
 TARGETS = ("auto", "cpu", "triton", "reference")
-_OPTIONS = ("inner", "target", "disable", "ep_group", "ep_chunks", "ep_nodes", "ep_hierarchical")
+_OPTIONS = ("inner", "target", "disable", "ep_group", "ep_chunks", "ep_nodes", "ep_hierarchical", "profile")
 
 
 def resolve_target(target: str, example_inputs: list) -> str:
@@ -118,6 +120,12 @@ def check_options(options: Optional[dict[str, Any]], who: str = "moec") -> dict[
         raise ValueError(f"{who}: ep_hierarchical must be 'auto', True or False, got {hierarchical!r}")
     if hierarchical is True and nodes is None:
         raise ValueError(f"{who}: ep_hierarchical=True needs the node groups (ep_nodes): more than one node")
+    profile = options.setdefault("profile", None)
+    if profile is not None:
+        from moec.runtime.profiler import RoutingProfiler
+
+        if not isinstance(profile, RoutingProfiler):
+            raise ValueError(f"{who}: profile must be a moec.runtime.profiler.RoutingProfiler, got {profile!r}")
     return options
 
 
@@ -157,6 +165,10 @@ def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Option
     options = check_options(options)
     target = resolve_target(options["target"], example_inputs)
     verify(gm)
+    if options["profile"] is not None:
+        from moec.passes.profile_routing import profile_routing
+
+        gm, _ = profile_routing(gm, example_inputs, profiler=options["profile"])
     gm, records = run_pipeline(gm, example_inputs, target=target, disable=options["disable"],
                                check=os.environ.get("MOEC_CHECK") == "1", group_name=options["ep_group"],
                                chunks=chunk_chooser(options["ep_chunks"], options["ep_hierarchical"],

@@ -1,5 +1,5 @@
-"""The ``moec`` command: ``moec inspect [SPEC]``, ``moec codegen [SPEC]``, ``moec bench [SPEC]`` and
-``moec optimize [SPEC] --world-size N``.
+"""The ``moec`` command: ``moec inspect [SPEC]``, ``moec codegen [SPEC]``, ``moec bench [SPEC]``,
+``moec optimize [SPEC] --world-size N`` and ``moec profile [SPEC] --tokens N``.
 
 Contract: ``main(argv)`` returns the exit status, it does not exit:
 
@@ -21,7 +21,7 @@ import contextlib
 import os
 import sys
 
-from moec.cli import bench, optimize
+from moec.cli import bench, optimize, profile
 from moec.models.spec import FORMS, SpecError
 
 SPEC_HELP = f"the model: {FORMS} (default: builtin:%s)"
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "what overlaps what, the predicted times and why. Needs no GPU and runs nothing "
                                    "distributed.")
     optimize.add_arguments(o, SPEC_HELP % default)
+
+    pr = sub.add_parser("profile", help="record a model's routing (tokens per expert, expert pairs) as a trace",
+                        description="Run the model eagerly on random, seeded inputs and record, per MoE layer and "
+                                    "window, the tokens routed to each expert and the expert pairs chosen by the "
+                                    "same token at consecutive layers. Prints a per-layer summary and writes the "
+                                    "trace (.npz, documented in moec.runtime.trace).")
+    profile.add_arguments(pr, SPEC_HELP % default)
+
     return parser
 
 
@@ -112,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             return codegen_main(opts)
         if opts.command == "optimize":
             return optimize.optimize_main(opts)
+        if opts.command == "profile":
+            return profile.profile_main(opts)
         return bench.bench_main(opts)
-    except (SpecError, bench.BenchError, optimize.OptimizeError) as e:
+    except (SpecError, bench.BenchError, optimize.OptimizeError, profile.ProfileError) as e:
         return _fail(str(e))
     except BrokenPipeError:
         # `moec inspect --graph | head`: the reader left; stop quietly, as Unix tools do.
