@@ -18,6 +18,10 @@ Contract:
   ``moec.runtime.CollectiveError`` within that time. The backward's exchanges raise the backend's
   own error within the same time; wrap ``loss.backward()`` in ``moec.runtime.collective_errors``
   for the same message.
+  ``placement=`` a ``moec.runtime.plan.PlacementPlan`` or a plan file (``moec place --out``):
+  each rank keeps the experts the plan gives it (replicas included) and routes each token to one
+  of its expert's replicas (``moec.runtime.shard``, ``moec.ir.parallel``); placed layers use the
+  flat all-to-all. Without it, placement is contiguous (rank w: experts ``[w*E/W, (w+1)*E/W)``).
   ``profile=`` a ``moec.runtime.profiler.RoutingProfiler``: the compiled model records each MoE
   layer's routing into it as it runs (forward only; ``profiler.trace()`` reads it).
 - ``inspect(model, *args, **kwargs)`` converts, traces the call once with dynamo (no lowering,
@@ -38,8 +42,8 @@ from moec.passes.select_impl import load_target
 from moec.report import Fallback, Report
 
 _COMPILE_OPTIONS = ("inner", "target", "disable", "dynamic", "fullgraph", "expert_parallel", "group", "chunks",
-                    "timeout_s", "ranks_per_node", "hierarchical", "profile")
-_EP_OPTIONS = ("group", "chunks", "timeout_s", "ranks_per_node", "hierarchical")
+                    "timeout_s", "ranks_per_node", "hierarchical", "profile", "placement")
+_EP_OPTIONS = ("group", "chunks", "timeout_s", "ranks_per_node", "hierarchical", "placement")
 
 
 def compile(model: nn.Module, **options: Any):
@@ -68,7 +72,8 @@ def compile(model: nn.Module, **options: Any):
         if backend_options.get("ep_group") is not None:
             from moec.runtime.shard import shard_experts
 
-            shard_experts(model, backend_options["ep_group"])
+            shard_experts(model, backend_options["ep_group"], _placement(options.get("placement"),
+                                                                         options.get("hierarchical")))
     return torch.compile(
         model,
         backend=moec_backend,
@@ -76,6 +81,24 @@ def compile(model: nn.Module, **options: Any):
         dynamic=options.get("dynamic"),
         fullgraph=options.get("fullgraph", False),
     )
+
+
+def _placement(placement, hierarchical):
+    """The placement plan: a ``PlacementPlan``, a plan file's path, or None (contiguous)."""
+    import os
+
+    from moec.runtime.plan import PlacementPlan
+
+    if placement is None or isinstance(placement, PlacementPlan):
+        plan = placement
+    elif isinstance(placement, (str, os.PathLike)):
+        plan = PlacementPlan.load(placement)
+    else:
+        raise TypeError(f"moec.compile: placement must be a moec.runtime.plan.PlacementPlan or a plan file's path, "
+                        f"got {type(placement).__name__}")
+    if plan is not None and hierarchical is True:
+        raise ValueError("moec.compile: placed layers use the flat all-to-all; drop hierarchical=True or the placement")
+    return plan
 
 
 def _ep_group_name(group, timeout_s) -> str:

@@ -77,6 +77,9 @@ class ExpertsSpec:
     # Set by expert-parallel sharding (``moec.runtime.shard``): the parameters ``fetch`` reads hold
     # only this rank's experts, and the name of the group whose all-gather rebuilds all of them.
     shard_group: Optional[str] = None
+    # Set with a placement plan: (slots, slot_counts, shares) as ``moec.ir.parallel`` takes them;
+    # this rank's parameters hold the experts the plan lists for it.
+    placement: Optional[tuple] = None
 
     def weights(self) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         """All experts' (w_in, w_out, b_in, b_out); gathered from the ranks when sharded (the
@@ -84,6 +87,10 @@ class ExpertsSpec:
         weights = self.ffn.fetch()
         if self.shard_group is None:
             return weights
+        if self.placement is not None:
+            slots, counts, shares = (list(a) for a in self.placement)
+            return tuple(None if w is None else torch.ops.moec.unshard(w, self.shard_group, slots, counts, shares,
+                                                                       self.num_experts) for w in weights)
         from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
         return tuple(None if w is None else all_gather_tensor_autograd(w, 0, self.shard_group) for w in weights)

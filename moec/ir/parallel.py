@@ -1,4 +1,4 @@
-"""Expert-parallel IR: the one moec op an expert-parallel layer adds to the graph.
+"""Expert-parallel IR: the moec ops an expert-parallel layer adds to the graph.
 
 Contract: ``moec::ep_route(idx_TK, num_experts, world, chunks)`` plans how this rank's routed
 slots travel to the ranks that own their experts, under contiguous placement (rank ``w`` owns
@@ -13,16 +13,47 @@ pieces as ``torch.tensor_split`` splits them (chunk c holds ``T_c`` tokens). It 
 - ``counts_WC`` (int64 [W, C]): slots of chunk c sent to rank w. Row w is what rank w receives
   from this rank, so one ``all_to_all_single`` of ``counts_WC`` gives every rank its receive counts.
 
+Placed layers (a ``moec.runtime.plan`` placement: rank w holds the experts ``slots`` lists for
+it, in local slot order; an expert on several ranks is replicated) use three more ops, whose
+placement arguments are the plan's layer flattened: ``slots`` (every rank's experts, rank 0's
+first), ``slot_counts`` (experts per rank) and ``shares`` (per entry of ``slots``, the fraction of
+that expert's tokens its replica takes; empty: even split).
+
+- ``moec::ep_route_placed(idx_TK, slots, slot_counts, shares, num_experts, rank, chunks)``: as
+  ``ep_route``, with ``local_TK`` the local slot on the destination rank. A slot of expert e goes
+  to one of e's replicas: this rank's slots of e in a chunk, in token order, are spread over the
+  replicas by stratified sampling of the cumulative shares, offset by ``rank / world`` (the j-th of
+  n goes to the replica whose share interval holds ``((j + 1/2)/n + rank/world) mod 1``), so each
+  replica gets its share of every rank's slots to within one slot. Which replica computes a row
+  does not change its value (replicas hold the same weights).
+- ``moec::unshard(shard, group_name, slots, slot_counts, shares, num_experts)``: collective; every
+  expert's weights ``[E, ...]`` from the ranks' shards ``[S_w, ...]`` (an expert's first replica),
+  by an all-gather. ``shares`` is not used by it: it keeps the whole placement in the graph for
+  the ``expert_parallel`` pass. Backward: the gradient summed over the group, this rank's slots' rows. This is what
+  a placed layer's weights mean in the captured graph; the ``expert_parallel`` pass replaces it by
+  the shard itself.
+- ``moec::replica_sync(shard, group_name, rows, ids, num_replicated)``: identity forward (a copy);
+  backward sums the gradients of replicated experts over their replicas (rows ``rows`` of this
+  rank's shard hold replicated experts numbered ``ids`` among the layer's ``num_replicated``
+  replicated experts; one all-reduce of ``[num_replicated, ...]``), so every replica gets the
+  expert's whole gradient, as the unplaced model would, and replicas stay equal after an
+  optimizer step.
+
 The rest of an expert-parallel layer is made of existing ops: ``_c10d_functional`` all-to-alls
 and waits, ``moec::dispatch`` / ``grouped_gemm_act`` / ``grouped_gemm_combine`` on the received
 rows, ``moec::combine`` back in token order (see ``moec.passes.expert_parallel``).
 
-Legend: T tokens of this rank, K top-k, E experts, W ranks, C chunks, L experts per rank.
+Legend: T tokens of this rank, K top-k, E experts, W ranks, C chunks, L experts per rank, S_w
+slots (experts held) of rank w, R most replicas of one expert.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from moec.ir.ops import _check
@@ -58,3 +89,201 @@ def ep_route(idx: Tensor, num_experts: int, world: int, chunks: int) -> tuple[Te
 @ep_route.register_fake
 def _(idx, num_experts, world, chunks):
     return torch.empty_like(idx), torch.empty_like(idx), idx.new_empty(world, chunks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Placed layers
+# ----------------------------------------------------------------------------------------------
+
+
+def flatten_placement(rank_experts, shares=None) -> tuple[list[int], list[int], list[float]]:
+    """A plan layer's ``rank_experts`` (and ``shares``) as the ops' ``slots``, ``slot_counts``,
+    ``shares`` arguments."""
+    slots = [int(e) for experts in rank_experts for e in experts]
+    counts = [len(experts) for experts in rank_experts]
+    flat_shares = [] if shares is None else [float(s) for r in shares for s in r]
+    return slots, counts, flat_shares
+
+
+@functools.lru_cache(maxsize=256)
+def _replica_tables(slots: tuple, slot_counts: tuple, shares: tuple, num_experts: int):
+    """Per expert, its replicas' ranks and local slots and their cumulative shares, [E, R] each
+    (padding: rank -1 and cumulative share 2, above any sample in [0, 1))."""
+    _check(sum(slot_counts) == len(slots), f"slot_counts {list(slot_counts)} do not add up to the "
+                                           f"{len(slots)} slots")
+    _check(not shares or len(shares) == len(slots), "shares must give one fraction per slot, or none")
+    replicas: list[list[tuple[int, int, Optional[float]]]] = [[] for _ in range(num_experts)]
+    pos = 0
+    for rank, n in enumerate(slot_counts):
+        for local in range(n):
+            e = slots[pos]
+            _check(0 <= e < num_experts, f"placement lists expert {e} but the layer has {num_experts}")
+            replicas[e].append((rank, local, shares[pos] if shares else None))
+            pos += 1
+    missing = [e for e, reps in enumerate(replicas) if not reps]
+    _check(not missing, f"placement holds experts {missing[:8]} on no rank: their tokens would be dropped")
+    R = max(len(reps) for reps in replicas)
+    rank_ER = torch.full((num_experts, R), -1, dtype=torch.int64)
+    local_ER = torch.full((num_experts, R), -1, dtype=torch.int64)
+    cum_ER = torch.full((num_experts, R), 2.0, dtype=torch.float64)
+    for e, reps in enumerate(replicas):
+        total = 0.0
+        for j, (rank, local, share) in enumerate(reps):
+            total += share if share is not None else 1.0 / len(reps)
+            rank_ER[e, j], local_ER[e, j], cum_ER[e, j] = rank, local, total
+        cum_ER[e, len(reps) - 1] = 2.0  # the last replica takes what rounding leaves
+    return rank_ER, local_ER, cum_ER
+
+
+def ep_route_placed_reference(idx_TK: Tensor, slots, slot_counts, shares, num_experts: int, rank: int,
+                              chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+    T, K = idx_TK.shape
+    world = len(slot_counts)
+    rank_ER, local_ER, cum_ER = _replica_tables(tuple(slots), tuple(slot_counts), tuple(shares), num_experts)
+    order, local, counts = [], [], []
+    for idx_tK in torch.tensor_split(idx_TK, chunks):
+        idx_n = idx_tK.reshape(-1)
+        # j-th slot of its expert in this chunk, n of them: the stratified sample (j + 1/2)/n
+        sorted_n, by_expert_n = torch.sort(idx_n, stable=True)
+        first_n = torch.searchsorted(sorted_n, sorted_n, side="left")
+        occ_n = torch.empty_like(idx_n)
+        occ_n[by_expert_n] = torch.arange(idx_n.numel()) - first_n
+        per_expert_n = torch.bincount(idx_n, minlength=num_experts)[idx_n]
+        sample_n = torch.remainder((occ_n.double() + 0.5) / per_expert_n + rank / world, 1.0)
+        replica_n = (cum_ER[idx_n] <= sample_n.unsqueeze(-1)).sum(-1, keepdim=True)
+        dest_n = rank_ER[idx_n].gather(-1, replica_n).squeeze(-1)
+        slot_local_n = local_ER[idx_n].gather(-1, replica_n).squeeze(-1)
+        send_n = torch.sort(dest_n, stable=True).indices
+        order.append(send_n)
+        local.append(slot_local_n[send_n])
+        counts.append(torch.bincount(dest_n, minlength=world))
+    return (torch.cat(order).reshape(T, K), torch.cat(local).reshape(T, K),
+            torch.stack(counts, dim=1) if counts else idx_TK.new_zeros(world, chunks))
+
+
+@torch.library.custom_op("moec::ep_route_placed", mutates_args=())
+def ep_route_placed(idx: Tensor, slots: list[int], slot_counts: list[int], shares: list[float], num_experts: int,
+                    rank: int, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Send plan of this rank's slots under a placement, per token chunk: (order, local, counts)."""
+    _check(chunks >= 1, f"chunks must be at least 1, got {chunks}")
+    _check(0 <= rank < len(slot_counts), f"rank {rank} is not among the placement's {len(slot_counts)} ranks")
+    _check(idx.dtype == torch.int64 and idx.dim() == 2, "expert ids must be int64 [T, K]")
+    _check(idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < num_experts),
+           f"expert ids must lie in [0, {num_experts})")
+    return ep_route_placed_reference(idx, slots, slot_counts, shares, num_experts, rank, chunks)
+
+
+@ep_route_placed.register_fake
+def _(idx, slots, slot_counts, shares, num_experts, rank, chunks):
+    return torch.empty_like(idx), torch.empty_like(idx), idx.new_empty(len(slot_counts), chunks)
+
+
+def _group(group_name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
+
+
+def _first_replica_rows(slots, slot_counts, num_experts: int) -> Tensor:
+    """Row of each expert's first replica in the all-gathered ``[W * S_max, ...]`` shards."""
+    s_max = max(slot_counts)
+    first: dict[int, int] = {}
+    pos = 0
+    for rank, n in enumerate(slot_counts):
+        for local in range(n):
+            first.setdefault(slots[pos], rank * s_max + local)
+            pos += 1
+    _check(len(first) == num_experts, f"placement holds {len(first)} of the {num_experts} experts")
+    return torch.tensor([first[e] for e in range(num_experts)])
+
+
+@torch.library.custom_op("moec::unshard", mutates_args=())
+def unshard(shard: Tensor, group_name: str, slots: list[int], slot_counts: list[int], shares: list[float],
+            num_experts: int) -> Tensor:
+    """Every expert's weights from the ranks' shards (collective); see the module docstring."""
+    group = _group(group_name)
+    rank = dist.get_rank(group)
+    _check(len(slot_counts) == dist.get_world_size(group) and shard.shape[0] == slot_counts[rank],
+           f"rank {rank}'s shard has {shard.shape[0]} experts, the placement gives it {slot_counts[rank]}")
+    s_max = max(slot_counts)
+    padded = torch.cat([shard, shard.new_zeros(s_max - shard.shape[0], *shard.shape[1:])]).contiguous()
+    gathered = padded.new_empty(len(slot_counts) * s_max, *shard.shape[1:])
+    dist.all_gather_into_tensor(gathered, padded, group=group)
+    return gathered.index_select(0, _first_replica_rows(slots, slot_counts, num_experts).to(shard.device))
+
+
+@unshard.register_fake
+def _(shard, group_name, slots, slot_counts, shares, num_experts):
+    return shard.new_empty(num_experts, *shard.shape[1:])
+
+
+@torch.library.custom_op("moec::unshard_backward", mutates_args=())
+def unshard_backward(grad: Tensor, group_name: str, slots: list[int], slot_counts: list[int]) -> Tensor:
+    """This rank's slots' rows of the gradient summed over the group (collective)."""
+    group = _group(group_name)
+    rank = dist.get_rank(group)
+    total = grad.clone().contiguous()
+    dist.all_reduce(total, group=group)
+    first = sum(slot_counts[:rank])
+    mine = torch.tensor(slots[first:first + slot_counts[rank]], dtype=torch.int64, device=grad.device)
+    return total.index_select(0, mine)
+
+
+@unshard_backward.register_fake
+def _(grad, group_name, slots, slot_counts):
+    rank = dist.get_rank(_group(group_name))
+    return grad.new_empty(slot_counts[rank], *grad.shape[1:])
+
+
+def _unshard_setup(ctx, inputs, output):
+    _, ctx.group_name, ctx.slots, ctx.slot_counts, _, _ = inputs
+
+
+def _unshard_bwd(ctx, grad):
+    return (torch.ops.moec.unshard_backward(grad, ctx.group_name, ctx.slots, ctx.slot_counts),
+            None, None, None, None, None)
+
+
+unshard.register_autograd(_unshard_bwd, setup_context=_unshard_setup)
+
+
+@torch.library.custom_op("moec::replica_sync", mutates_args=())
+def replica_sync(shard: Tensor, group_name: str, rows: list[int], ids: list[int], num_replicated: int) -> Tensor:
+    """Identity (a copy) whose backward sums replicated experts' gradients over their replicas."""
+    return shard.clone()
+
+
+@replica_sync.register_fake
+def _(shard, group_name, rows, ids, num_replicated):
+    return torch.empty_like(shard)
+
+
+def _sync_setup(ctx, inputs, output):
+    _, ctx.group_name, ctx.rows, ctx.ids, ctx.num_replicated = inputs
+
+
+def _sync_bwd(ctx, grad):
+    # Functional collectives: the backward graph shows the all-reduce, and the scheduler moves it.
+    rows = torch.tensor(ctx.rows, dtype=torch.int64, device=grad.device)
+    ids = torch.tensor(ctx.ids, dtype=torch.int64, device=grad.device)
+    mine = grad.new_zeros(ctx.num_replicated, *grad.shape[1:]).index_add(0, ids, grad.index_select(0, rows))
+    total = torch.ops._c10d_functional.wait_tensor(
+        torch.ops._c10d_functional.all_reduce(mine, "sum", ctx.group_name))
+    return grad.index_copy(0, rows, total.index_select(0, ids)), None, None, None, None
+
+
+replica_sync.register_autograd(_sync_bwd, setup_context=_sync_setup)
+
+
+def replicated_rows(slots, slot_counts, rank: int) -> tuple[list[int], list[int], int]:
+    """``replica_sync``'s (rows, ids, num_replicated) for ``rank``: which of its shard's rows hold an
+    expert that other ranks hold too, that expert's number among the layer's replicated experts, and
+    how many there are."""
+    copies: dict[int, int] = {}
+    for e in slots:
+        copies[e] = copies.get(e, 0) + 1
+    numbered = {e: i for i, e in enumerate(sorted(e for e, n in copies.items() if n > 1))}
+    first = sum(slot_counts[:rank])
+    mine = slots[first:first + slot_counts[rank]]
+    rows = [i for i, e in enumerate(mine) if e in numbered]
+    return rows, [numbered[mine[i]] for i in rows], len(numbered)

@@ -13,13 +13,21 @@ pass emits the chunks in sequential order (each exchange waited for at once). Re
 and the number of layers sharded (also added to ``torch._dynamo.utils.counters["moec"]
 ["expert_parallel_layers"]``); a second run finds no lowered layer left to shard.
 
+Placed layers: when the layer's weights are ``moec::unshard`` of shards (``moec.compile(...,
+placement=plan)``, ``moec.runtime.shard``), the plan in its arguments decides: ``moec::ep_route_placed``
+sends each slot to one of its expert's replicas, the local experts are the rank's shard (through
+``moec::replica_sync`` when the layer has replicas) and the exchanges are flat (the chunk
+choice's hierarchical flag is ignored); the counter ``expert_parallel_placed_layers`` counts them.
+
 Preconditions: ``fuse_combine`` ran (the layer is the three lowered ops); ``torch.distributed``
 is initialised and the group is registered. Layers with an expert capacity keep the canonical
 route/dispatch/expert_ffn ops and stay replicated (each rank runs the whole layer on its tokens,
-which is the unsharded model's output on those tokens). The expert weights are sliced in the
-graph (``narrow``, a view): every rank still holds all experts' weights; gradients of the
-experts a rank does not own are zero there, so an all-reduce (sum) of gradients over the group
-gives the unsharded model's gradients on all ranks' tokens.
+which is the unsharded model's output on those tokens). Weights: a layer sharded by
+``moec.runtime.shard`` is traced as an all-gather of shards (or ``moec::unshard``), which this
+pass replaces by the shard itself; a layer whose weights are whole on every rank (a model
+sharded by hand is not) gets them sliced in the graph (``narrow``, a view), and the gradients of
+the experts a rank does not own are zero there, so an all-reduce (sum) of gradients over the
+group gives the unsharded model's gradients on all ranks' tokens.
 
 Numerics: the experts see the same rows, grouped differently (rows from several ranks in one
 GEMM, chunked), so results match the unsharded layer to floating-point rounding, not bitwise.
@@ -60,7 +68,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.fx import Node
 
-import moec.ir.parallel  # noqa: F401  (registers moec::ep_route)
+from moec.ir.parallel import replicated_rows  # (and registers moec::ep_route and the placed ops)
 from moec.ir.ops import GATED_ACTIVATIONS
 from moec.ir.verify import moec_op_name, moec_op_namespace, node_value
 from moec.passes.schedule_overlap import is_wait
@@ -152,7 +160,8 @@ def expert_parallel(
         x, idx_TK, weights_TK, gga, ggc, perm = found
         w_in, b_in, w_out, b_out = gga.args[3], gga.args[4], ggc.args[3], ggc.args[4]
         E = node_value(w_in).shape[0]
-        if E % world:
+        placement = _placement(w_in)
+        if placement is None and E % world:
             raise ValueError(
                 f"moec: expert parallelism over {world} ranks needs the number of experts to be a multiple of "
                 f"the world size, but MoE layer {changed} has {E} experts; use a group of a size dividing {E}"
@@ -169,14 +178,17 @@ def expert_parallel(
         C, hierarchical = C if isinstance(C, tuple) else (C, False)
         if not (isinstance(C, int) and C >= 1):
             raise ValueError(f"moec: chunks must be a positive int, got {C!r}")
+        if placement is not None:
+            hierarchical = False  # placed layers exchange over the flat group (documented)
         if hierarchical and nodes is None:
             raise ValueError("moec: a hierarchical all-to-all needs the node groups (moec.compile makes them "
                              "when ranks_per_node is less than the group size)")
         with graph.inserting_before(ggc):
             out = _emit(graph, ggc, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out,
                         E=E, K=K, world=world, rank=rank, chunks=C, group_name=group_name, layer=changed,
-                        nodes=nodes if hierarchical else None)
+                        nodes=nodes if hierarchical else None, placement=placement)
         torch._dynamo.utils.counters["moec"]["expert_parallel_hierarchical_layers"] += bool(hierarchical)
+        torch._dynamo.utils.counters["moec"]["expert_parallel_placed_layers"] += placement is not None
         ggc.replace_all_uses_with(out)
         graph.erase_node(ggc)
         graph.erase_node(gga)
@@ -206,6 +218,13 @@ def _gathered_shard(w: Node) -> Optional[Node]:
     return None
 
 
+def _placement(w: Node) -> Optional[tuple[list[int], list[int], list[float]]]:
+    """(slots, slot_counts, shares) when ``w`` is a placed layer's ``moec::unshard``, else None."""
+    if isinstance(w, Node) and moec_op_name(w) == "unshard":
+        return list(w.args[2]), list(w.args[3]), list(w.args[4])
+    return None
+
+
 def _erase_unused_gathers(graph: torch.fx.Graph) -> None:
     for node in reversed(list(graph.nodes)):
         shard = _gathered_shard(node)
@@ -214,6 +233,8 @@ def _erase_unused_gathers(graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
             if not gather.users:
                 graph.erase_node(gather)
+        elif _placement(node) is not None and not node.users:
+            graph.erase_node(node)
 
 
 def _allow_split_sizes() -> None:
@@ -226,8 +247,8 @@ def _allow_split_sizes() -> None:
 
 
 def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, E, K, world, rank, chunks,
-          group_name, layer, nodes) -> Node:
-    L = E // world
+          group_name, layer, nodes, placement) -> Node:
+    L = E // world if placement is None else placement[1][rank]
     act, transposed, interleaved, alpha, limit = gga.args[5], gga.args[6], gga.args[7], gga.args[8], gga.args[9]
 
     def call(fn, *args, stage, chunk=None, **kwargs):
@@ -260,7 +281,10 @@ def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, 
             sizes.append(v)
         return sizes
 
-    if nodes is None:  # flat: one exchange over the whole group
+    if placement is not None:  # placed: the plan's slots, replicas chosen per slot
+        group1, peers1 = group_name, world
+        plan = call(op("ep_route_placed"), idx_TK, *placement, E, rank, chunks, stage="plan")
+    elif nodes is None:  # flat: one exchange over the whole group
         group1, peers1 = group_name, world
         plan = call(op("ep_route"), idx_TK, E, world, chunks, stage="plan")
     else:
@@ -279,11 +303,18 @@ def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, 
     order_TK, local_TK, counts_WC = (call(operator.getitem, plan, i, stage="plan") for i in range(3))
     send_l, recv_l = exchange_counts(counts_WC, peers1, group1)
 
+    synced = replicated_rows(placement[0], placement[1], rank) if placement is not None else None
+
     def local(w):
         """This rank's experts of ``w``: the shard itself when ``w`` is gathered from shards
-        (``moec.runtime.shard``), else a view of the whole tensor."""
+        (``moec.runtime.shard``; for a placed layer with replicas, through ``replica_sync``, whose
+        backward gives every replica the expert's whole gradient), else a view of the whole tensor."""
         if w is None:
             return None
+        if synced is not None:
+            rows, ids, n_rep = synced
+            shard = w.args[0]
+            return call(op("replica_sync"), shard, group_name, rows, ids, n_rep, stage="weights") if n_rep else shard
         shard = _gathered_shard(w)
         return shard if shard is not None else call(torch.narrow, w, 0, rank * L, L, stage="weights")
 

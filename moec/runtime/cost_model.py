@@ -92,7 +92,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import platform
 import re
@@ -102,6 +101,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import sympy as sp
+
+from moec.runtime.jsonfile import read_json, write_json
 
 __all__ = [
     "Calibration",
@@ -347,22 +348,12 @@ class Calibration:
 
     def save(self, path: Optional[os.PathLike] = None) -> Path:
         """Write JSON to ``path`` (default ``calibration_path()``), atomically."""
-        path = Path(path) if path is not None else calibration_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json(path if path is not None else calibration_path(), self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, path: os.PathLike) -> "Calibration":
         """Read a saved calibration; ``ValueError`` (one line) if it is not one."""
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"moec: no calibration file {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"moec: cannot read calibration {path}: {' '.join(str(e).split())}") from None
+        d = read_json(path, "calibration", prefix="moec: ")
         if not isinstance(d, dict):
             raise ValueError(f"moec: {path} is not a moec calibration (expected a JSON object)")
         try:

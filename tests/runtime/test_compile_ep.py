@@ -47,6 +47,9 @@ def _cases(world: int) -> list[dict]:
         dict(name="stacked-bmm-inductor", spec="builtin:stacked-bmm", rows=uneven, chunks=3, inner="inductor"),
         dict(name="mixtral", spec="hf:mixtral", rows=[1] * world, chunks=1, inner="aot_eager"),
         dict(name="deepseek_v3", spec="hf:deepseek_v3", rows=[1] * world, chunks=2, inner="aot_eager"),
+        # One token per rank, two chunks: one chunk of every rank is empty.
+        dict(name="moe-mlp-one-token", spec="builtin:moe-mlp", rows=[1] * world, seq=1, chunks=2,
+             inner="aot_eager"),
     ]
     # hierarchical all-to-all: nodes of 2 ranks at 4 ranks, of 1 rank at 2
     cases += [
@@ -75,7 +78,8 @@ def _build(case: dict, world: int):
     g = torch.Generator().manual_seed(zlib.crc32(case["name"].encode()) + world)
     B = sum(case["rows"])
     if case["spec"].startswith("builtin:"):
-        full = (torch.randn(B, *args[0].shape[1:], generator=g),)
+        shape = args[0].shape[1:] if "seq" not in case else (case["seq"], *args[0].shape[2:])
+        full = (torch.randn(B, *shape, generator=g),)
     else:
         ids = torch.randint(3, 100, (B, args[0].shape[1]), generator=g)
         full = (ids,) + tuple(torch.ones_like(ids) for _ in args[1:])
@@ -113,14 +117,20 @@ def _run_rank(case: dict, world: int, rank: int) -> dict:
     hierarchical = torch._dynamo.utils.counters["moec"]["expert_parallel_hierarchical_layers"]
     assert hierarchical == (sharded if case.get("hierarchical") else 0), (case["name"], hierarchical)
     (out * cot[_rows(case, rank)]).sum().backward()
+    return dict(out=out.detach(), grads=_rank_grads(model))
+
+
+def _rank_grads(model) -> dict:
+    """Per parameter (its ``_moec_shard`` or None, its gradient); replicated parameters' gradients
+    summed over the ranks (collective)."""
     grads = {}
     for name, p in model.named_parameters():
         g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
-        shard = getattr(p, "_moec_shard", None)  # (first expert, E): this rank's experts only
+        shard = getattr(p, "_moec_shard", None)  # (experts held, E): this rank's experts only
         if shard is None:
             dist.all_reduce(g)
         grads[name] = (shard, g)
-    return dict(out=out.detach(), grads=grads)
+    return grads
 
 
 def _reference(case: dict, world: int) -> dict:
@@ -163,24 +173,32 @@ def _worker(rank: int, world: int) -> dict:
     return {case["name"]: _run_rank(case, world, rank) for case in _cases(world)}
 
 
+def check_ranks(results: list[dict], case: dict, world: int, ref: dict, contiguous: bool = True) -> None:
+    """Every rank's output and gradients against the single-process ones: a shard's rows against
+    the reference gradient of the experts it holds (``contiguous``: rank w's ``[w*E/W, (w+1)*E/W)``)."""
+    for rank in range(world):
+        got = results[rank][case["name"]]
+        where = f"{case['name']}, rank {rank}/{world}"
+        _close(got["out"], ref["out"][_rows(case, rank)], f"{where}, output")
+        shards = 0
+        for name, (shard, mine) in got["grads"].items():
+            g = ref["grads"][name]
+            if mine.numel() == 0 and g.numel() > 0:
+                continue  # a per-expert weight emptied by sharding: its rows live in the shard
+            if shard is not None:
+                shards += 1
+                experts, E = shard
+                assert E == g.shape[0] and len(experts) == mine.shape[0], (where, name)
+                if contiguous:
+                    assert list(experts) == list(range(rank * E // world, (rank + 1) * E // world)), (where, name)
+                g = g[list(experts)]
+            _close(mine, g, f"{where}, d{name}")
+        # every layer's experts are sharded (Switch's capacity layers gather them back each step)
+        assert shards > 0, (where, shards)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_compiled_expert_parallel_matches_single_process(world):
     results = spawn_gloo(_worker, world)
     for case in _cases(world):
-        ref = _reference(case, world)
-        for rank in range(world):
-            got = results[rank][case["name"]]
-            where = f"{case['name']}, rank {rank}/{world}"
-            _close(got["out"], ref["out"][_rows(case, rank)], f"{where}, output")
-            shards = 0
-            for name, (shard, mine) in got["grads"].items():
-                g = ref["grads"][name]
-                if mine.numel() == 0 and g.numel() > 0:
-                    continue  # a per-expert weight emptied by sharding: its rows live in the shard
-                if shard is not None:
-                    shards += 1
-                    assert shard[1] == g.shape[0] and mine.shape[0] == g.shape[0] // world, (where, name)
-                    g = g[shard[0]:shard[0] + mine.shape[0]]
-                _close(mine, g, f"{where}, d{name}")
-            # every layer's experts are sharded (Switch's capacity layers gather them back each step)
-            assert shards > 0, (where, shards)
+        check_ranks(results, case, world, _reference(case, world))

@@ -1,0 +1,162 @@
+"""``moec.compile(model, expert_parallel=True, placement=plan)`` on real gloo process groups: a plan
+that permutes the experts, gives ranks different numbers of them and replicates some (evenly and
+with shares) must leave outputs and gradients equal to the single-process model.
+
+Each rank feeds its own batch rows; gradients are compared as in ``test_compile_ep``: replicated
+(data-parallel) parameters after a sum all-reduce, each expert shard's rows against the
+single-process gradient of the experts the plan put there (a replica gets the expert's whole
+gradient, summed over its replicas by ``moec::replica_sync``). Tolerances as there.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import moec
+from moec.models.hf import primary_output
+from moec.runtime.launch import spawn_gloo
+from moec.runtime.plan import LayerPlan, PlacementPlan, PlanError
+from test_compile_ep import _build, _rank_grads, _reference, _rows, check_ranks
+
+
+def _layer_plan(E: int, world: int, seed: int, shares: bool) -> LayerPlan:
+    """A scrambled placement: experts permuted and dealt unevenly (rank 0 one more, the last one
+    fewer), two experts replicated on one more rank each (expert 0, the hottest under a biased
+    router, and another); with ``shares``, the other one split 1:3 between its replicas."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(E, generator=g).tolist()
+    sizes = [E // world] * world
+    if sizes[-1] > 1:
+        sizes[0], sizes[-1] = sizes[0] + 1, sizes[-1] - 1
+    ranks = [perm[sum(sizes[:r]):sum(sizes[:r + 1])] for r in range(world)]
+    second = perm[0] if perm[0] != 0 else perm[1]
+    for e in (0, second):
+        ranks[next(r for r in range(world) if e not in ranks[r])].append(e)
+    if not shares:
+        return LayerPlan(ranks)
+    first = min(r for r in range(world) if second in ranks[r])
+    return LayerPlan(ranks, [[(0.25 if r == first else 0.75) if e == second else (0.5 if e == 0 else 1.0)
+                              for e in experts] for r, experts in enumerate(ranks)])
+
+
+def _plan(case: dict, world: int) -> PlacementPlan:
+    from moec.capture import convert_model
+
+    model, _, _ = _build(case, world)
+    experts = [layer.num_experts for layer in convert_model(model).layers]
+    seed = zlib.crc32(case["name"].encode()) + world
+    layers = [_layer_plan(E, world, seed + i, shares=bool(i % 2 == case.get("shares_on", 0))) for i, E in
+              enumerate(experts)]
+    return PlacementPlan(world_size=world, layers=layers).validate()
+
+
+def _cases(world: int) -> list[dict]:
+    uneven = [2, 1, 3, 1][:world]
+    cases = [
+        dict(name="moe-mlp-placed", spec="builtin:moe-mlp", rows=uneven, chunks=1, inner="aot_eager"),
+        dict(name="stacked-bmm-placed-all-to-rank0", spec="builtin:stacked-bmm", rows=[2, 0, 1, 2][:world],
+             chunks=2, inner="aot_eager", to_rank0=True),
+        dict(name="mixtral-placed", spec="hf:mixtral", rows=[1] * world, chunks=2, inner="aot_eager", shares_on=1),
+    ]
+    if world == 2:
+        cases.append(dict(name="stacked-bmm-placed-inductor", spec="builtin:stacked-bmm", rows=uneven, chunks=3,
+                          inner="inductor"))
+    return cases
+
+
+def _run_rank(case: dict, world: int, rank: int) -> dict:
+    torch._dynamo.reset()
+    model, full, cot = _build(case, world)
+    plan = _plan(case, world)
+    mine = tuple(a[_rows(case, rank)] for a in full)
+    compiled = moec.compile(model, expert_parallel=True, chunks=case["chunks"], inner=case["inner"], placement=plan)
+    torch._dynamo.utils.counters["moec"].clear()
+    out = primary_output(compiled(*mine))
+    assert torch._dynamo.utils.counters["moec"]["expert_parallel_layers"] == plan.num_layers
+    assert torch._dynamo.utils.counters["moec"]["expert_parallel_placed_layers"] == plan.num_layers
+    (out * cot[_rows(case, rank)]).sum().backward()
+    return dict(out=out.detach(), grads=_rank_grads(model))
+
+
+def _worker(rank: int, world: int) -> dict:
+    return {case["name"]: _run_rank(case, world, rank) for case in _cases(world)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_placed_expert_parallel_matches_single_process(world):
+    results = spawn_gloo(_worker, world)
+    for case in _cases(world):
+        ref = _reference(case, world)
+        plan = _plan(case, world)
+        assert all(max(lp.copies(plan.experts())) == 2 for lp in plan.layers)  # replicas are exercised
+        check_ranks(results, case, world, ref, contiguous=False)
+
+
+def _route(idx, lp: LayerPlan, E: int, rank: int, chunks: int = 1):
+    from moec.ir.parallel import flatten_placement
+
+    return torch.ops.moec.ep_route_placed(idx, *flatten_placement(lp.rank_experts, lp.shares), E, rank, chunks)
+
+
+def test_placed_route_sends_every_slot_to_a_replica_in_its_share():
+    E, world, T, K = 6, 3, 400, 2
+    lp = LayerPlan([[0, 1, 5], [2, 3, 5, 1], [4, 5]], [[1.0, 0.5, 0.2], [1.0, 1.0, 0.3, 0.5], [1.0, 0.5]])
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    taken = torch.zeros(world, E)
+    for rank in range(world):
+        for chunks in (1, 3):
+            order, local, counts = _route(idx, lp, E, rank, chunks)
+            assert counts.shape == (world, chunks)
+            for c, (idx_c, order_c, local_c) in enumerate(zip(idx.tensor_split(chunks), order.tensor_split(chunks),
+                                                                   local.tensor_split(chunks))):
+                order_n, local_n = order_c.reshape(-1), local_c.reshape(-1)
+                assert sorted(order_n.tolist()) == list(range(idx_c.numel()))  # every slot sent once
+                dest = torch.repeat_interleave(torch.arange(world), counts[:, c])
+                for d, slot, loc in zip(dest.tolist(), order_n.tolist(), local_n.tolist()):
+                    assert lp.rank_experts[d][loc] == idx_c.reshape(-1)[slot]  # a replica of its expert
+                    if chunks == 1:
+                        taken[d, idx_c.reshape(-1)[slot]] += 1
+    want = torch.tensor(PlacementPlan(world, [lp], num_experts=E).share_matrix(0)) * torch.bincount(
+        idx.reshape(-1), minlength=E) * world
+    assert (taken - want).abs().max() <= world  # each rank's split within one slot per replica
+
+
+def test_placed_route_degenerate_inputs():
+    lp = LayerPlan([[0, 1], [1, 2], [3, 0]])
+    order, local, counts = _route(torch.zeros(0, 2, dtype=torch.int64), lp, 4, 0, 2)
+    assert order.shape == (0, 2) and counts.tolist() == [[0, 0]] * 3
+    order, local, counts = _route(torch.tensor([[1]]), lp, 4, 1)  # one token, a replicated expert
+    assert counts.sum() == 1 and lp.rank_experts[int(counts[:, 0].argmax())][int(local)] == 1
+    with pytest.raises(ValueError, match="expert ids must lie"):
+        _route(torch.tensor([[4]]), lp, 4, 0)
+    with pytest.raises(ValueError, match="on no rank"):
+        _route(torch.tensor([[0]]), LayerPlan([[0], [1]]), 3, 0)
+
+
+def _bad_plan_worker(rank: int, world: int) -> list[str]:
+    from moec.capture import convert_model
+
+    case = dict(name="bad", spec="builtin:moe-mlp", rows=[1, 1])
+    experts = [layer.num_experts for layer in convert_model(_build(case, world)[0]).layers]
+    E, n = experts[0], len(experts)
+    errors = []
+    for plan in (PlacementPlan.contiguous(E, 3, n),  # wrong world size
+                 PlacementPlan.contiguous(E, 2, n + 1),  # one layer too many
+                 PlacementPlan(2, [LayerPlan([list(range(E // 2)), list(range(E // 2, E - 1))])] * n)):  # E-1 lost
+        model, _, _ = _build(case, world)
+        try:
+            moec.compile(model, expert_parallel=True, placement=plan)
+        except PlanError as e:
+            errors.append(str(e))
+    return errors
+
+
+def test_bad_plans_are_rejected_at_compile():
+    errors = spawn_gloo(_bad_plan_worker, 2)[0]
+    assert len(errors) == 3, errors
+    assert "3 ranks" in errors[0] and "group has 2" in errors[0]
+    assert "MoE layer(s)" in errors[1]
+    assert "MoE layer 0" in errors[2] and "on no rank" in errors[2]
