@@ -23,7 +23,8 @@ time, and every trial's error):
    all-to-all's alpha/beta at W ranks); one calibration per trial, used for every layer.
 3. Per layer: the same seeded global tokens, uniform random top-k routing (top-k of uniform scores)
    and weights on every rank; each rank keeps its tokens and its experts (contiguous placement).
-   ``--warmup`` untimed runs, then ``--repeat`` timed runs under ``torch.no_grad()``; a run is a
+   ``--warmup`` untimed runs, then ``--repeat`` timed runs under ``torch.no_grad()``, with the
+   lowered CPU ops (``impl="moec_cpu"``: the GEMMs the compiled layer and the calibration use); a run is a
    barrier and then ``--calls`` (default 5) back-to-back forward calls, as a model runs its layers,
    timed with ``perf_counter`` per call; its time is the slowest rank's (all-reduced MAX); the
    median over runs is reported. (A barrier before every single call would add the ranks' skew
@@ -126,7 +127,7 @@ def _time_layer(shape: LayerShape, world: int, rank: int, kwargs: dict, warmup: 
             data["w_in_EFH"][mine].contiguous(), data["w_out_EHI"][mine].contiguous(), None, None)
 
     def call():
-        return ep_moe(*args, num_experts=shape.num_experts, activation="swiglu", **kwargs)
+        return ep_moe(*args, num_experts=shape.num_experts, activation="swiglu", impl="moec_cpu", **kwargs)
 
     times = []
     with torch.no_grad():

@@ -2,7 +2,7 @@
 """Expert-parallel overlap on gloo: the overlapped schedule against the sequential one, same run.
 
 Contract: ``python benchmarks/ep_overlap.py [--world 2] [--tokens 4096] [--hidden 1024]
-[--expert-hidden 32] [--experts 8] [--top-k 2] [--chunks 2 4] [--repeat 15] [--fresh-buffers] [--no-predict] [--out NAME]`` spawns
+[--expert-hidden 32] [--experts 8] [--top-k 2] [--chunks 2 4] [--repeat 15] [--trials 1] [--fresh-buffers] [--no-predict] [--out NAME]`` spawns
 ``--world`` gloo ranks on this machine, compiles one communication-heavy MoE layer (wide hidden,
 narrow experts: the all-to-alls move ``T*K*H`` floats each way while the experts do
 ``~6*T*K*H*I`` FLOPs) with ``moec.compile(..., expert_parallel=True, inner="aot_eager")`` in each
@@ -126,19 +126,21 @@ def _worker(rank: int, world: int, opts) -> dict:
             steps[name] = compiled
         _, idx_TK = layer.route(x_TH)
         steps["comm only"] = lambda x: _comm_only(x[0], idx_TK, opts, group)
-        times = {name: [] for name in steps}
-        for _ in range(2):  # warm-up rounds
-            for step in steps.values():
-                step(x_TH.unsqueeze(0))
-        for _ in range(opts.repeat):
-            for name, step in steps.items():
-                dist.barrier(group)
-                start = time.perf_counter()
-                step(x_TH.unsqueeze(0))
-                dist.barrier(group)
-                times[name].append(time.perf_counter() - start)
-    pred = _predict(layer, x_TH, opts, group) if opts.predict else None
-    return dict(times=times, prediction=pred)
+        trials = []
+        for _ in range(opts.trials):
+            times = {name: [] for name in steps}
+            for _ in range(2):  # warm-up rounds
+                for step in steps.values():
+                    step(x_TH.unsqueeze(0))
+            for _ in range(opts.repeat):
+                for name, step in steps.items():
+                    dist.barrier(group)
+                    start = time.perf_counter()
+                    step(x_TH.unsqueeze(0))
+                    dist.barrier(group)
+                    times[name].append(time.perf_counter() - start)
+            trials.append(dict(times=times, prediction=_predict(layer, x_TH, opts, group) if opts.predict else None))
+    return trials
 
 
 def _shape(opts):
@@ -182,19 +184,31 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--chunks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--trials", type=int, default=1,
+                   help="time-then-calibrate rounds in the same ranks; rows report medians over them")
     p.add_argument("--fresh-buffers", dest="reuse_large_buffers", action="store_false",
                    help="leave glibc's malloc as it is (large buffers unmapped and faulted in again each step)")
     p.add_argument("--no-predict", dest="predict", action="store_false",
                    help="skip the calibration and the cost model's predictions")
     p.add_argument("--out", help="write benchmarks/results/<OUT>.json")
     opts = p.parse_args(argv)
-    got = spawn_gloo(_worker, opts.world, opts, timeout_s=600)[0]  # rank 0's clock
-    times, prediction = got["times"], got["prediction"]
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    trials = spawn_gloo(_worker, opts.world, opts, timeout_s=900)[0]  # rank 0's clock
+    # Per row: the median over trials of each trial's median time (and of its prediction).
+    names = list(trials[0]["times"])
+    med = {name: statistics.median(statistics.median(t["times"][name]) for t in trials) for name in names}
+    times = {name: [x for t in trials for x in t["times"][name]] for name in names}
+    prediction = None
+    if opts.predict:
+        prediction = dict(seconds={name: statistics.median(t["prediction"]["seconds"][name] for t in trials)
+                                   for name in names},
+                          skew=trials[0]["prediction"]["skew"], trials=[t["prediction"] for t in trials],
+                          terms_s={k: statistics.median(t["prediction"]["terms_s"][k] for t in trials)
+                                   for k in trials[0]["prediction"]["terms_s"]})
     comm = med["comm only"]
     seq = med["sequential"]
     print(f"# {opts.world} gloo ranks, {opts.tokens} tokens/rank, H={opts.hidden}, I={opts.expert_hidden}, "
-          f"E={opts.experts}, K={opts.top_k}, forward, median of {opts.repeat}")
+          f"E={opts.experts}, K={opts.top_k}, forward, median of {opts.repeat} rounds"
+          + (f", median over {opts.trials} trials" if opts.trials > 1 else ""))
     print(f"{'schedule':<14} {'ms':>9} {'vs seq':>8} {'a2a hidden':>11}"
           + (f" {'predicted ms':>13} {'error':>7}" if prediction else ""))
     rows = []
@@ -205,8 +219,11 @@ def main(argv=None) -> int:
         line = f"{name:<14} {t * 1e3:9.2f} {seq / t:7.2f}x {'' if hidden is None else f'{hidden:10.0%}':>11}"
         if prediction:
             p_s = prediction["seconds"][name]
-            row.update(predicted_s=p_s, rel_error=p_s / t - 1)
+            per_trial = [tr["prediction"]["seconds"][name] / statistics.median(tr["times"][name]) - 1 for tr in trials]
+            row.update(predicted_s=p_s, rel_error=p_s / t - 1, trial_errors=per_trial)
             line += f" {p_s * 1e3:13.2f} {p_s / t - 1:+7.0%}"
+            if len(trials) > 1:
+                line += "  (" + " ".join(f"{e:+.0%}" for e in per_trial) + ")"
         rows.append(row)
         print(line)
     if prediction:

@@ -6,13 +6,13 @@ Contract
   calls it, and every rank gets the same ``Calibration``. It measures, on all ranks at once (so
   ranks sharing cores are measured sharing them): the per-op overhead (tiny ops of the kinds the
   layer issues), the local memory bandwidth (a row gather of the layer's size), the GEMM
-  throughput (the layer's two expert GEMMs at a few row counts, least-squares slope), and
-  ``all_to_all_single`` at several message sizes
-  (each after a little compute and into a fresh output buffer, as in a layer: see
-  ``measure_a2a``), from which ``fit_alpha_beta`` fits the intra-node link's alpha and beta; on
-  CPU, ``measure_wake`` measures the extra cost of an exchange issued after a long compute phase
-  and ``measure_overlap`` how much of an exchange hides under compute run at the same time. The slowest rank's numbers are kept (a collective
-  layer waits for it). The inter-node link cannot be measured on one machine: it is the assumed
+  throughput (the layer's two expert GEMMs at a few row counts, least-squares slope, through the
+  GEMM the lowered CPU layer uses), and ``all_to_all_single`` at several message sizes (each after
+  a little compute and into a fresh output buffer, as in a layer: see ``measure_a2a``), from which
+  ``fit_alpha_beta`` fits the intra-node link's alpha and beta; on CPU, ``measure_wake`` measures
+  the extra cost of an exchange issued after a long compute phase and ``measure_overlap`` how much
+  of an exchange hides under compute run at the same time. The slowest rank's numbers are kept (a
+  collective layer waits for it). The inter-node link cannot be measured on one machine: it is the assumed
   one (``Calibration.with_assumed_inter``). With one rank only the compute is measured and both
   links are assumed.
 * ``calibrate_spawned(world_size)`` spawns the ranks itself (``torch.multiprocessing``; gloo over
@@ -151,6 +151,7 @@ def measure_compute(shape: Optional[LayerShape] = None, device: torch.device | s
     t_gather = _per_call(gather, _calls_for(gather, device), device)
     mem = 2 * x_RH.numel() * x_RH.element_size() / max(t_gather - overhead, 1e-9)
 
+    linear = _expert_linear(device)
     w_in_FH = torch.randn(F_, H, generator=g).to(device, dtype)
     w_out_HI = torch.randn(H, I, generator=g).to(device, dtype)
     per_expert = max(1, rows // shape.num_experts)
@@ -161,8 +162,8 @@ def measure_compute(shape: Optional[LayerShape] = None, device: torch.device | s
         a_MI = torch.randn(m, I, generator=g).to(device, dtype)
 
         def gemms():
-            F.linear(a_MH, w_in_FH)
-            F.linear(a_MI, w_out_HI)
+            linear(a_MH, w_in_FH)
+            linear(a_MI, w_out_HI)
 
         flops.append(2 * m * H * (F_ + I))
         seconds.append(_per_call(gemms, _calls_for(gemms, device), device))
@@ -172,6 +173,17 @@ def measure_compute(shape: Optional[LayerShape] = None, device: torch.device | s
     return dict(op_overhead_s=overhead, mem_bytes_per_s=mem, flops_per_s=flops_per_s,
                 samples=dict(gather_bytes=2 * x_RH.numel() * x_RH.element_size(), gather_s=t_gather,
                              gemm_flops=flops, gemm_s=seconds, dtype=str(dtype).removeprefix("torch.")))
+
+
+def _expert_linear(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One expert's GEMM as the lowered layer runs it: on CPU ``moec.codegen.cpu``'s (oneDNN with
+    its dispatch by row count; 2.4x ``F.linear``'s throughput at [512, 256] x [256, 1024] on this
+    project's VM), elsewhere ``F.linear``."""
+    if device.type == "cpu":
+        from moec.codegen.cpu import _linear
+
+        return lambda x, w: _linear(x, w, None, False)
+    return F.linear
 
 
 def _op_mix(device: torch.device) -> tuple[Callable[[], object], int]:
