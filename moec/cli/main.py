@@ -1,5 +1,6 @@
 """The ``moec`` command: ``moec inspect [SPEC]``, ``moec codegen [SPEC]``, ``moec bench [SPEC]``,
-``moec optimize [SPEC] --world-size N`` and ``moec profile [SPEC] --tokens N``.
+``moec optimize [SPEC] --world-size N``, ``moec profile [SPEC] --tokens N`` and
+``moec place TRACE --world-size N --ranks-per-node M --slots S``.
 
 Contract: ``main(argv)`` returns the exit status, it does not exit:
 
@@ -21,7 +22,7 @@ import contextlib
 import os
 import sys
 
-from moec.cli import bench, optimize, profile
+from moec.cli import bench, optimize, place, profile
 from moec.models.spec import FORMS, SpecError
 
 SPEC_HELP = f"the model: {FORMS} (default: builtin:%s)"
@@ -103,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "trace (.npz, documented in moec.runtime.trace).")
     profile.add_arguments(pr, SPEC_HELP % default)
 
+    pl = sub.add_parser("place", help="plan expert placement on a routing trace; compare with EPLB and others",
+                        description="Plan which rank holds which experts (replicas included) on window I of a "
+                                    "routing trace with moec's placement optimiser, score it and the baselines "
+                                    "(contiguous, round-robin, EPLB) on window I+1: load balance, cross-rank and "
+                                    "cross-node traffic, a2a bytes, simulated step time, weights moved; write the "
+                                    "plan (JSON, moec.runtime.plan). Needs no GPU.")
+    place.add_arguments(pl)
     return parser
 
 
@@ -122,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             return optimize.optimize_main(opts)
         if opts.command == "profile":
             return profile.profile_main(opts)
+        if opts.command == "place":
+            return place.place_main(opts)
         return bench.bench_main(opts)
-    except (SpecError, bench.BenchError, optimize.OptimizeError, profile.ProfileError) as e:
+    except (SpecError, bench.BenchError, optimize.OptimizeError, profile.ProfileError,
+            place.PlaceError) as e:
         return _fail(str(e))
     except BrokenPipeError:
         # `moec inspect --graph | head`: the reader left; stop quietly, as Unix tools do.

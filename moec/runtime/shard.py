@@ -103,11 +103,25 @@ def _check_plan(plan, layers, world: int) -> None:
         raise PlanError(f"the placement plan is for {plan.world_size} ranks but the expert-parallel group has "
                         f"{world}; plan for {world} ranks (moec place --world-size {world})")
     plan.validate(num_layers=len(layers))
+    recorded = (plan.meta or {}).get("layer_names")
+    if recorded and not _same_layers([str(n) for n in recorded], [name for name, _ in layers]):
+        raise PlanError(f"the placement plan was made for MoE layers {list(recorded)[:4]}... but this model's are "
+                        f"{[name for name, _ in layers][:4]}...: plan on a trace of this model (moec profile)")
     for i, (name, spec) in enumerate(layers):
         try:
             dataclasses.replace(plan, layers=[plan.layers[i]]).validate(num_experts=spec.num_experts)
         except PlanError as e:
             raise PlanError(f"MoE layer {i} ({name or '<root>'}, {spec.num_experts} experts): {e}") from None
+
+
+def _same_layers(recorded: list[str], names: list[str]) -> bool:
+    """Whether a trace's MoE layer names (the layer modules, ``<root>`` for the model itself) are
+    this model's layers, in order (``names``: the modules holding the experts, the layers or
+    their children)."""
+    def holds(layer: str, name: str) -> bool:
+        return layer == "<root>" or name == layer or name.startswith(layer + ".")
+
+    return len(recorded) == len(names) and all(holds(r, n) for r, n in zip(recorded, names))
 
 
 def _shard(t: torch.Tensor, experts: list[int], E: int) -> nn.Parameter:

@@ -46,11 +46,13 @@ def _plan(case: dict, world: int) -> PlacementPlan:
     from moec.capture import convert_model
 
     model, _, _ = _build(case, world)
-    experts = [layer.num_experts for layer in convert_model(model).layers]
+    found = convert_model(model).layers
     seed = zlib.crc32(case["name"].encode()) + world
-    layers = [_layer_plan(E, world, seed + i, shares=bool(i % 2 == case.get("shares_on", 0))) for i, E in
-              enumerate(experts)]
-    return PlacementPlan(world_size=world, layers=layers).validate()
+    layers = [_layer_plan(layer.num_experts, world, seed + i, shares=bool(i % 2 == case.get("shares_on", 0)))
+              for i, layer in enumerate(found)]
+    # as `moec place` writes it from a profiled trace: the layers it was planned for, by name
+    names = [layer.name for layer in found]
+    return PlacementPlan(world_size=world, layers=layers, meta={"layer_names": names}).validate()
 
 
 def _cases(world: int) -> list[dict]:
@@ -145,7 +147,9 @@ def _bad_plan_worker(rank: int, world: int) -> list[str]:
     errors = []
     for plan in (PlacementPlan.contiguous(E, 3, n),  # wrong world size
                  PlacementPlan.contiguous(E, 2, n + 1),  # one layer too many
-                 PlacementPlan(2, [LayerPlan([list(range(E // 2)), list(range(E // 2, E - 1))])] * n)):  # E-1 lost
+                 PlacementPlan(2, [LayerPlan([list(range(E // 2)), list(range(E // 2, E - 1))])] * n),  # E-1 lost
+                 PlacementPlan(2, PlacementPlan.contiguous(E, 2, n).layers,  # planned for another model
+                               meta={"layer_names": [f"other.{i}" for i in range(n)]})):
         model, _, _ = _build(case, world)
         try:
             moec.compile(model, expert_parallel=True, placement=plan)
@@ -156,7 +160,34 @@ def _bad_plan_worker(rank: int, world: int) -> list[str]:
 
 def test_bad_plans_are_rejected_at_compile():
     errors = spawn_gloo(_bad_plan_worker, 2)[0]
-    assert len(errors) == 3, errors
+    assert len(errors) == 4, errors
     assert "3 ranks" in errors[0] and "group has 2" in errors[0]
     assert "MoE layer(s)" in errors[1]
     assert "MoE layer 0" in errors[2] and "on no rank" in errors[2]
+    assert "made for MoE layers ['other.0'" in errors[3] and "layers.0.moe" in errors[3]
+
+
+def _profiled_plan_worker(rank: int, world: int) -> float:
+    """Profile the model eagerly, plan with moec's optimiser, compile with the plan: the largest
+    difference of this rank's output from the eager model's on its rows, relative to its size."""
+    from moec.passes.placement import place
+    from moec.runtime.profiler import RoutingProfiler
+
+    case = dict(name="profiled", spec="builtin:moe-mlp", rows=[2, 1])
+    model, full, _ = _build(case, world)
+    with torch.no_grad():
+        want = primary_output(model(*full))[_rows(case, rank)]
+    profiler = RoutingProfiler()
+    with profiler.recording(model), torch.no_grad():
+        model(*full)
+    trace = profiler.trace()
+    plan = place(trace, world, world, -(-5 * trace.num_experts // (4 * world)))  # 25% replica slots
+    assert plan.meta["layer_names"] == trace.meta["layer_names"]
+    compiled = moec.compile(model, expert_parallel=True, inner="aot_eager", placement=plan)
+    with torch.no_grad():
+        got = primary_output(compiled(*tuple(a[_rows(case, rank)] for a in full)))
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_profile_place_compile_end_to_end():
+    assert max(spawn_gloo(_profiled_plan_worker, 2)) < 1e-4

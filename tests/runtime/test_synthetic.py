@@ -22,21 +22,24 @@ def test_deterministic_and_seed_dependent():
     assert not np.array_equal(synthetic_trace(**kw, seed=1).load_WLE, synthetic_trace(**kw, seed=2).load_WLE)
 
 
-@pytest.mark.parametrize("E, K, s, affinity, group", [
-    (16, 4, 1.0, 0.0, 1), (16, 4, 2.0, 0.9, 1), (16, 4, 1.0, 0.7, 4), (8, 8, 1.5, 0.5, 1), (5, 1, 0.0, 1.0, 1),
-    (4, 3, 3.0, 1.0, 2),
+@pytest.mark.parametrize("E, K, s, affinity, group, Q", [
+    (16, 4, 1.0, 0.0, 1, 0), (16, 4, 2.0, 0.9, 1, 0), (16, 4, 1.0, 0.7, 4, 0), (8, 8, 1.5, 0.5, 1, 0),
+    (5, 1, 0.0, 1.0, 1, 0), (4, 3, 3.0, 1.0, 2, 0), (16, 4, 1.0, 0.8, 4, 1), (16, 6, 1.0, 0.5, 4, 2),
+    (8, 8, 1.0, 1.0, 4, 2),
 ])
-def test_counts_follow_from_distinct_topk_per_token(E, K, s, affinity, group):
+def test_counts_follow_from_distinct_topk_per_token(E, K, s, affinity, group, Q):
     """k distinct experts per token per layer: every layer's load sums to T*k and no expert gets
     more than T; each token's k*k pairs make affinity's margins k times the loads."""
     T, L, W = 300, 4, 2
-    t = synthetic_trace(E, L, W, T, K, zipf_s=s, affinity=affinity, drift=0.2, seed=3, affinity_group=group)
+    t = synthetic_trace(E, L, W, T, K, zipf_s=s, affinity=affinity, drift=0.2, seed=3, affinity_group=group,
+                        topk_groups=Q)
     assert t.load_WLE.shape == (W, L, E) and t.affinity_WLEE.shape == (W, L - 1, E, E)
     assert (t.load_WLE.sum(-1) == T * K).all()
     assert t.load_WLE.max() <= T  # distinct: one slot per token per expert at most
     np.testing.assert_array_equal(t.affinity_WLEE.sum(-1), K * t.load_WLE[:, :-1])
     np.testing.assert_array_equal(t.affinity_WLEE.sum(-2), K * t.load_WLE[:, 1:])
     assert t.top_k == K and t.meta["generator"]["affinity_group"] == group
+    assert t.meta["generator"]["topk_groups"] == Q
     if K == E:  # every token picks every expert
         assert (t.load_WLE == T).all()
 
@@ -77,6 +80,30 @@ def test_affinity_groups_stay_within_groups():
     assert partners.max() == 4 and partners.min() >= 1
 
 
+def test_group_limited_routing():
+    """Q = 1, G = 4: a token's k experts lie in one group of 4 consecutive ids. With affinity 1
+    each layer-l group sends all its pairs to one layer-(l+1) group (a permutation of the groups),
+    and every token adds its k*k pairs to one group pair; with affinity 0, pairs reach many groups."""
+    def group_pairs(t):
+        E = t.num_experts
+        g = t.affinity_WLEE[0, 0].reshape(E // 4, 4, E // 4, 4).sum((1, 3))
+        return g
+
+    kw = dict(num_experts=16, num_layers=2, num_windows=1, tokens_per_window=2000, top_k=3, zipf_s=1.0, seed=0,
+              affinity_group=4, topk_groups=1)
+    full = group_pairs(synthetic_trace(**kw, affinity=1.0))
+    assert ((full > 0).sum(1) == 1).all() and ((full > 0).sum(0) == 1).all()  # a permutation of the groups
+    none = group_pairs(synthetic_trace(**kw, affinity=0.0))
+    assert ((none > 0).sum(1) > 1).all()
+    # within a layer a token's experts share its group: the pairs of a layer-0 group reach only the
+    # image group, each token contributing k*k = 9 pairs there
+    t = synthetic_trace(**kw, affinity=1.0)
+    assert (full.sum(1) % 9 == 0).all()
+    two = synthetic_trace(16, 2, 1, 500, 6, affinity=0.0, seed=1, affinity_group=4, topk_groups=2)
+    assert (two.load_WLE.sum(-1) == 500 * 6).all()
+    assert t.meta["generator"]["topk_groups"] == 1
+
+
 def test_drift_changes_popularity_between_windows():
     def tv(t):  # mean total-variation distance between consecutive windows' load distributions
         p = t.load_WLE / t.load_WLE.sum(-1, keepdims=True)
@@ -92,10 +119,10 @@ def test_presets_shapes_speed_and_claims():
         start = time.process_time()
         t = preset_trace(name)
         seconds = time.process_time() - start
-        assert seconds < 2.0, (name, seconds)
+        assert seconds < 3.0, (name, seconds)
         assert t.meta["source"] == f"synthetic:{name}" and t.meta["generator"] == {
-            **params, "zipf_s": float(params["zipf_s"]), "affinity": float(params["affinity"]),
-            "drift": float(params["drift"]), "affinity_group": 1}
+            "affinity_group": 1, "topk_groups": 0, **params, "zipf_s": float(params["zipf_s"]),
+            "affinity": float(params["affinity"]), "drift": float(params["drift"])}
         assert t.num_windows >= 4 and t.affinity_WLEE is not None
     for name, E, K in (("zipf64", 64, None), ("zipf256", 256, None), ("mixtral-like", 8, 2),
                        ("qwen3-moe-like", 128, 8), ("deepseek-v3-like", 256, 8)):
@@ -103,6 +130,8 @@ def test_presets_shapes_speed_and_claims():
     for base in ("zipf64", "zipf256"):
         assert PRESETS[base]["affinity"] == 0 < PRESETS[f"{base}-affinity"]["affinity"]
         assert PRESETS[base]["drift"] > 0 and PRESETS[base]["zipf_s"] >= 1
+        group = PRESETS[f"{base}-group-affinity"]
+        assert group["topk_groups"] == 1 and group["affinity"] > 0 and group["zipf_s"] == PRESETS[base]["zipf_s"]
 
 
 def test_generation_speed_256_experts():  # CPU time: other processes sharing the cores do not count
@@ -120,6 +149,9 @@ def test_generation_speed_256_experts():  # CPU time: other processes sharing th
     (dict(affinity=1.5), "affinity is a probability in [0, 1], got 1.5"),
     (dict(drift=-0.1), "drift is a probability in [0, 1]"),
     (dict(affinity_group=3), "affinity_group=3 does not divide num_experts=8"),
+    (dict(affinity_group=4, topk_groups=3), "topk_groups=3 exceeds the 2 groups"),
+    (dict(affinity_group=2, topk_groups=-1), "topk_groups must be an int >= 0"),
+    (dict(top_k=3, affinity_group=2, topk_groups=1), "top_k=3 exceeds the topk_groups*affinity_group=2"),
 ])
 def test_bad_arguments(kwargs, needle):
     args = dict(num_experts=8, num_layers=2, num_windows=1, tokens_per_window=10, top_k=2) | kwargs
