@@ -3,9 +3,13 @@
 Contract: importing this module registers ``moec_cpu::{gate, permute, grouped_gemm, activation,
 grouped_gemm_act, grouped_gemm_combine}`` with exactly the signatures (names, order, types) and
 semantics of the ``moec::`` ops in ``moec.ir.lowered`` (the oracle), each with a fake and an
-autograd formula whose backward is a ``moec_cpu::*_backward`` op computed directly (GEMMs per
-expert, hand-written or ``torch.func.vjp`` activation gradients), never by differentiating the
-reference. The ``select_impl`` pass swaps ``moec::`` for ``moec_cpu::`` and nothing else.
+autograd formula whose backward is made of ``moec_cpu::*_backward*`` ops computed directly (GEMMs
+per expert, hand-written or ``torch.func.vjp`` activation gradients), never by differentiating the
+reference. The fused expert ops' backward is split as in ``moec.ir.lowered``: an input-gradient
+op, then a weight-gradient op that reads the gradient at the GEMM output the first one kept; the
+two run the same GEMMs on the same operands as one fused op would, so the gradients are bitwise
+those of the fused computation. The ``select_impl`` pass swaps ``moec::`` for ``moec_cpu::`` and
+nothing else.
 
 Numerics: float32 results agree with the references to fp32 rounding (summation order differs:
 fused bias add, per-expert GEMMs by a different BLAS); bfloat16 to bf16 rounding. Routing
@@ -39,8 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moec.codegen import cpu_native
-from moec.ir.lowered import (FAKES, act_width, gate_reference, out_rows, out_width, permute_reference,
-                              register_autograd)
+from moec.ir.lowered import (BACKWARD_OPS, FAKES, LOWERED_OPS, act_width, gate_reference, out_rows, out_width,
+                              permute_reference, register_autograd)
 from moec.ir.ops import GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -178,18 +182,31 @@ def _act_grad(grad_MI: Tensor, h_MF: Tensor, activation: str, interleaved: bool,
     return vjp_fn(grad_MI.to(h_MF.dtype))[0]
 
 
-def _weight_grads(d_h_MO: Tensor, x_MD: Tensor, w: Tensor, d_w: Tensor, e: int, d_b: Optional[Tensor],
-                  transposed: bool) -> Tensor:
-    """For ``h = x @ W + b`` on one expert: writes ``d_w[e]`` (and ``d_b[e]``), returns ``d_x_MD``."""
+def _input_grad(d_h_MO: Tensor, w_e: Tensor, transposed: bool) -> Tensor:
+    """For ``h = x @ W + b`` on one expert (weight ``w_e``): d_x_MD."""
+    return torch.mm(d_h_MO, w_e.t()) if transposed else torch.mm(d_h_MO, w_e)
+
+
+def _weight_grad_into(d_h_MO: Tensor, x_MD: Tensor, d_w_e: Tensor, d_b_e: Optional[Tensor], transposed: bool) -> None:
+    """For ``h = x @ W + b`` on one expert: writes d_W into ``d_w_e`` (and d_b into ``d_b_e``)."""
     if transposed:  # w[e] is [D, O]: h = x w
-        torch.mm(x_MD.t(), d_h_MO, out=d_w[e])
-        d_x_MD = torch.mm(d_h_MO, w[e].t())
+        torch.mm(x_MD.t(), d_h_MO, out=d_w_e)
     else:  # w[e] is [O, D]: h = x w^T
-        torch.mm(d_h_MO.t(), x_MD, out=d_w[e])
-        d_x_MD = torch.mm(d_h_MO, w[e])
-    if d_b is not None:
-        torch.sum(d_h_MO, dim=0, out=d_b[e])
-    return d_x_MD
+        torch.mm(d_h_MO.t(), x_MD, out=d_w_e)
+    if d_b_e is not None:
+        torch.sum(d_h_MO, dim=0, out=d_b_e)
+
+
+def _grouped_weight_grads(d_h_NO: Tensor, x: Tensor, token_N: Optional[Tensor], counts_E: Tensor, w: Tensor,
+                          b: Optional[Tensor], transposed: bool) -> tuple[Tensor, Tensor]:
+    """(d_w like w, d_b like b or empty) of a grouped GEMM from the gradient at its output: one
+    GEMM (and a column sum) per non-empty expert; an expert without rows gets zeros."""
+    spans, total = _spans(counts_E)
+    x_ND = _gathered_rows(x, token_N, total)
+    d_w, d_b = torch.zeros_like(w), _empty_grad(d_h_NO, b)
+    for e, start, end in spans:
+        _weight_grad_into(d_h_NO[start:end], x_ND[start:end], d_w[e], None if b is None else d_b[e], transposed)
+    return d_w, d_b
 
 
 def _scatter_rows(d_rows_MD: Tensor, x: Tensor, token_N: Optional[Tensor]) -> Tensor:
@@ -351,8 +368,9 @@ def grouped_gemm_backward(
     d_w, d_b = torch.zeros_like(w), _empty_grad(grad_out, b)
     d_x_ND = x.new_empty(total, x.shape[-1])
     for e, start, end in spans:
-        d_x_ND[start:end] = _weight_grads(grad_out[start:end], x_ND[start:end], w, d_w, e,
-                                          None if b is None else d_b, transposed)
+        d_h_MO = grad_out[start:end]
+        _weight_grad_into(d_h_MO, x_ND[start:end], d_w[e], None if b is None else d_b[e], transposed)
+        d_x_ND[start:end] = _input_grad(d_h_MO, w[e], transposed)
     return _scatter_rows(d_x_ND, x, token_idx), d_w, d_b
 
 
@@ -422,8 +440,8 @@ def grouped_gemm_act(
     return a_NI
 
 
-@torch.library.custom_op("moec_cpu::grouped_gemm_act_backward", mutates_args=())
-def grouped_gemm_act_backward(
+@torch.library.custom_op("moec_cpu::grouped_gemm_act_backward_input", mutates_args=())
+def grouped_gemm_act_backward_input(
     grad_out: Tensor,
     x: Tensor,
     token_idx: Optional[Tensor],
@@ -435,19 +453,30 @@ def grouped_gemm_act_backward(
     interleaved: bool,
     alpha: float,
     limit: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for (x, w_in, b_in); an empty tensor for an absent bias. Each expert's
-    pre-activation is recomputed (one GEMM) rather than saved from the forward."""
+) -> tuple[Tensor, Tensor]:
+    """(d_x, d_h [rows, F]). Each expert's pre-activation is recomputed (one GEMM) rather than
+    saved from the forward; its d_h gives d_x (one GEMM) and is kept for the weight op."""
     spans, total = _spans(counts)
     x_ND = _gathered_rows(x, token_idx, total)
-    d_w, d_b = torch.zeros_like(w_in), _empty_grad(grad_out, b_in)
+    d_h_NF = x.new_empty(out_rows(x, token_idx), out_width(w_in, transposed))
+    d_h_NF[total:].zero_()
     d_x_ND = x.new_empty(total, x.shape[-1])
     for e, start, end in spans:
-        x_MD = x_ND[start:end]
-        h_MF = _linear(x_MD, w_in[e], None if b_in is None else b_in[e], transposed)
+        h_MF = _linear(x_ND[start:end], w_in[e], None if b_in is None else b_in[e], transposed)
         d_h_MF = _act_grad(grad_out[start:end], h_MF, activation, interleaved, alpha, limit)
-        d_x_ND[start:end] = _weight_grads(d_h_MF, x_MD, w_in, d_w, e, None if b_in is None else d_b, transposed)
-    return _scatter_rows(d_x_ND, x, token_idx), d_w, d_b
+        d_x_ND[start:end] = _input_grad(d_h_MF, w_in[e], transposed)
+        d_h_NF[start:end] = d_h_MF
+    return _scatter_rows(d_x_ND, x, token_idx), d_h_NF
+
+
+@torch.library.custom_op("moec_cpu::grouped_gemm_act_backward_weight", mutates_args=())
+def grouped_gemm_act_backward_weight(
+    d_h: Tensor, x: Tensor, token_idx: Optional[Tensor], counts: Tensor, w_in: Tensor, b_in: Optional[Tensor],
+    transposed: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients for (w_in, b_in); an empty tensor for an absent bias. x's rows are gathered
+    again (cheaper to redo than to hand over from the input op)."""
+    return _grouped_weight_grads(d_h, x, token_idx, counts, w_in, b_in, transposed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,8 +521,8 @@ def grouped_gemm_combine(
     return out_TH
 
 
-@torch.library.custom_op("moec_cpu::grouped_gemm_combine_backward", mutates_args=())
-def grouped_gemm_combine_backward(
+@torch.library.custom_op("moec_cpu::grouped_gemm_combine_backward_input", mutates_args=())
+def grouped_gemm_combine_backward_input(
     grad_out: Tensor,
     a: Tensor,
     slot_idx: Tensor,
@@ -502,11 +531,11 @@ def grouped_gemm_combine_backward(
     b_out: Optional[Tensor],
     weights: Tensor,
     transposed: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (a, w_out, b_out, weights); an empty tensor for an absent bias.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_a, d_y [rows, H], d_weights).
 
     Per expert: the unscaled output y is recomputed; d_weights[slot] = <y_row, grad_out[token]>;
-    the GEMM sees grad_out[token] * weight[slot]."""
+    d_y = grad_out[token] * weight[slot] gives d_a (one GEMM) and is kept for the weight op."""
     K = weights.shape[-1]
     spans, total = _spans(counts)
     slot_M = slot_idx[:total]
@@ -514,7 +543,8 @@ def grouped_gemm_combine_backward(
     grad_MH = grad_out.reshape(-1, grad_out.shape[-1]).index_select(0, torch.div(slot_M, K, rounding_mode="floor"))
     a_shape, a = a.shape, a.reshape(-1, a.shape[-1])
     d_a = torch.zeros_like(a)
-    d_w, d_b = torch.zeros_like(w_out), _empty_grad(grad_out, b_out)
+    d_y_NH = a.new_empty(a.shape[0], out_width(w_out, transposed))
+    d_y_NH[total:].zero_()
     d_weight_M = weights.new_empty(total)
     acc = torch.promote_types(torch.float32, a.dtype)
     for e, start, end in spans:
@@ -522,15 +552,23 @@ def grouped_gemm_combine_backward(
         g_MH = grad_MH[start:end]
         d_weight_M[start:end] = (y_MH.to(acc) * g_MH.to(acc)).sum(dim=-1)
         d_y_MH = (g_MH * weight_M[start:end, None]).to(a.dtype)
-        d_a[start:end] = _weight_grads(d_y_MH, a[start:end], w_out, d_w, e, None if b_out is None else d_b,
-                                       transposed)
+        d_a[start:end] = _input_grad(d_y_MH, w_out[e], transposed)
+        d_y_NH[start:end] = d_y_MH
     d_weights = torch.zeros_like(weights).reshape(-1).index_copy_(0, slot_M, d_weight_M)
-    return d_a.reshape(a_shape), d_w, d_b, d_weights.reshape(weights.shape)
+    return d_a.reshape(a_shape), d_y_NH, d_weights.reshape(weights.shape)
+
+
+@torch.library.custom_op("moec_cpu::grouped_gemm_combine_backward_weight", mutates_args=())
+def grouped_gemm_combine_backward_weight(
+    d_y: Tensor, a: Tensor, counts: Tensor, w_out: Tensor, b_out: Optional[Tensor], transposed: bool
+) -> tuple[Tensor, Tensor]:
+    """Gradients for (w_out, b_out); an empty tensor for an absent bias."""
+    return _grouped_weight_grads(d_y, a, None, counts, w_out, b_out, transposed)
 
 
 CPU_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
 
-for _name in ['gate', 'gate_backward', 'permute', 'grouped_gemm', 'grouped_gemm_backward', 'activation', 'activation_backward', 'grouped_gemm_act', 'grouped_gemm_act_backward', 'grouped_gemm_combine', 'grouped_gemm_combine_backward']:
+for _name in LOWERED_OPS + BACKWARD_OPS:
     globals()[_name].register_fake(FAKES[_name])
 
 register_autograd("moec_cpu", {"gate": gate, "grouped_gemm": grouped_gemm, "activation": activation,

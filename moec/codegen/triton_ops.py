@@ -3,7 +3,8 @@
 Contract: importing this module registers ``moec_triton::{gate, permute, grouped_gemm, activation,
 grouped_gemm_act, grouped_gemm_combine}`` with exactly the signatures (argument names, order,
 types) of the ``moec::`` ops in ``moec.ir.lowered`` and the same results up to floating-point
-rounding, plus their backward ops ``moec_triton::*_backward``, used by their autograd formulas.
+rounding, plus their backward ops ``moec_triton::*_backward*`` (``moec.ir.lowered.BACKWARD_OPS``),
+used by their autograd formulas.
 Each op is a ``torch.library.triton_op`` whose body builds a ``KernelSpec`` from its arguments
 (E from the shapes, the dtype from the tensors, the rest from the attributes), fetches the
 generated kernels from ``moec.codegen.cache`` and launches them through ``wrap_triton``; nothing
@@ -16,6 +17,10 @@ atomics on CUDA, so d_x is not bitwise deterministic there), and gets d_w (and d
 sums) with a grouped weight-gradient kernel that reduces each expert's rows in one program.
 ``grouped_gemm_combine`` recomputes y, then one row kernel gives d_y = weights[slot] * grad[token]
 and d_weights[slot] = <y, grad[token]>, and the same two kernels give d_a, d_w_out, d_b_out.
+The fused ops' backward is two ops each (``moec.ir.lowered``): ``*_backward_input`` launches
+everything but the weight-gradient kernel and returns d_h (d_y; its rows past the counts zeroed
+by a masked fill, no host sync), ``*_backward_weight`` launches that kernel on it: the kernels of
+the fused backward, in its order.
 The gate's backward is NOT Triton: ``moec_triton::gate_backward`` is the vjp of the reference
 (``moec::gate_backward``); routing gradients are a [T, K] by [T, E] softmax/sigmoid derivative.
 
@@ -54,8 +59,6 @@ from moec.ir.lowered import FAKES, act_width, out_rows, out_width, register_auto
 from moec.ir.ops import GATED_ACTIVATIONS
 
 FORWARD_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
-BACKWARD_OPS = ("gate_backward", "grouped_gemm_backward", "activation_backward", "grouped_gemm_act_backward",
-                "grouped_gemm_combine_backward")
 
 
 def _language_interpreted() -> bool:
@@ -375,17 +378,22 @@ def grouped_gemm_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for (x, w, b); an empty tensor for an absent bias."""
     x2, dh = _rows(x), grad_out.contiguous()
-    return _gemm_input_grads(dh, x, x2, token_idx, counts, w, b, transposed)
+    dx = _input_grad(dh, x, x2, token_idx, counts, w, transposed)
+    return (dx, *_grouped_wgrad(dh, x2, token_idx, counts, w, b, transposed))
 
 
-def _gemm_input_grads(dh, x, x2, token_idx, counts, w, b, transposed):
+def _input_grad(dh, x, x2, token_idx, counts, w, transposed):
+    """d_x of rows = each expert's (gathered) rows of x2 @ W_e: dh @ W_e^T, scattered into x's shape."""
     dx_rows = _grouped_gemm(dh, None, counts, w, None, not transposed)
     if token_idx is None:
-        dx = dx_rows.reshape(x.shape)
-    else:
-        dx = x2.new_zeros(x2.shape).index_add_(0, token_idx, dx_rows).reshape(x.shape)
-    dw, db = _grouped_wgrad(dh, x2, token_idx, counts, w, b, transposed)
-    return dx, dw, db
+        return dx_rows.reshape(x.shape)
+    return x2.new_zeros(x2.shape).index_add_(0, token_idx, dx_rows).reshape(x.shape)
+
+
+def _zero_rows_past_counts(t: Tensor, counts: Tensor) -> Tensor:
+    """Zero the rows at or past sum(counts) (dropped slots) without a host sync."""
+    past = torch.arange(t.shape[0], device=t.device) >= counts.sum()
+    return t.masked_fill_(past[:, None], 0)
 
 
 @_register("activation")
@@ -445,8 +453,8 @@ def grouped_gemm_act(
     return out
 
 
-@_register("grouped_gemm_act_backward")
-def grouped_gemm_act_backward(
+@_register("grouped_gemm_act_backward_input")
+def grouped_gemm_act_backward_input(
     grad_out: Tensor,
     x: Tensor,
     token_idx: Optional[Tensor],
@@ -458,12 +466,21 @@ def grouped_gemm_act_backward(
     interleaved: bool,
     alpha: float,
     limit: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for (x, w_in, b_in); an empty tensor for an absent bias."""
+) -> tuple[Tensor, Tensor]:
+    """(d_x, d_h [rows, F]); d_h is zero past the counts."""
     x2 = _rows(x)
     h = _grouped_gemm(x2, token_idx, counts, w_in, b_in, transposed)
     dh = _activation_backward_rows(grad_out.contiguous(), h, activation, interleaved, alpha, limit)
-    return _gemm_input_grads(dh, x, x2, token_idx, counts, w_in, b_in, transposed)
+    return _input_grad(dh, x, x2, token_idx, counts, w_in, transposed), _zero_rows_past_counts(dh, counts)
+
+
+@_register("grouped_gemm_act_backward_weight")
+def grouped_gemm_act_backward_weight(
+    d_h: Tensor, x: Tensor, token_idx: Optional[Tensor], counts: Tensor, w_in: Tensor, b_in: Optional[Tensor],
+    transposed: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients for (w_in, b_in); an empty tensor for an absent bias."""
+    return _grouped_wgrad(d_h.contiguous(), _rows(x), token_idx, counts, w_in, b_in, transposed)
 
 
 @_register("grouped_gemm_combine")
@@ -499,8 +516,8 @@ def grouped_gemm_combine(
     return out
 
 
-@_register("grouped_gemm_combine_backward")
-def grouped_gemm_combine_backward(
+@_register("grouped_gemm_combine_backward_input")
+def grouped_gemm_combine_backward_input(
     grad_out: Tensor,
     a: Tensor,
     slot_idx: Tensor,
@@ -509,8 +526,8 @@ def grouped_gemm_combine_backward(
     b_out: Optional[Tensor],
     weights: Tensor,
     transposed: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (a, w_out, b_out, weights); an empty tensor for an absent bias."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_a, d_y [rows, H], d_weights); d_y is zero past the counts."""
     a2 = _rows(a)
     N = a2.shape[0]
     E, K = int(w_out.shape[0]), int(weights.shape[-1])
@@ -525,8 +542,17 @@ def grouped_gemm_combine_backward(
     _launch(mod.moec_combine_backward_kernel, (_cdiv(N, cfg["BLOCK_M"]),), y, slot_idx.contiguous(),
             weights.reshape(-1).to(torch.float32).contiguous(), grad2, dy, dweights, N, H,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
-    da, dw, db = _gemm_input_grads(dy, a, a2, None, counts, w_out, b_out, transposed)
-    return da, dw, db, dweights.reshape(weights.shape).to(weights.dtype)
+    da = _input_grad(dy, a, a2, None, counts, w_out, transposed)
+    return da, _zero_rows_past_counts(dy, counts), dweights.reshape(weights.shape).to(weights.dtype)
+
+
+@_register("grouped_gemm_combine_backward_weight")
+def grouped_gemm_combine_backward_weight(
+    d_y: Tensor, a: Tensor, counts: Tensor, w_out: Tensor, b_out: Optional[Tensor], transposed: bool
+) -> tuple[Tensor, Tensor]:
+    """Gradients for (w_out, b_out); an empty tensor for an absent bias."""
+    return _grouped_wgrad(d_y.contiguous(), _rows(a), None, counts, w_out, b_out, transposed)
+
 
 register_autograd("moec_triton", {"gate": gate, "grouped_gemm": grouped_gemm, "activation": activation,
                               "grouped_gemm_act": grouped_gemm_act, "grouped_gemm_combine": grouped_gemm_combine})

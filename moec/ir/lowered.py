@@ -2,10 +2,31 @@
 
 Contract: like the canonical ops (``moec.ir.ops``), every op here is a ``moec::`` custom op whose
 body is the plain-PyTorch reference (the oracle every implementation is tested against), with a
-fake implementation and an autograd formula whose backward is a ``moec::*_backward`` op computed
-from the reference. Implementations with the same signatures live in other namespaces
+fake implementation and an autograd formula whose backward is one or more ``moec::*_backward*``
+ops computed from the reference. Implementations with the same signatures live in other namespaces
 (``moec_cpu::`` in ``moec.codegen.cpu``, ``moec_triton::`` in ``moec.codegen.triton_ops``); the
 ``select_impl`` pass swaps a node's namespace, nothing else.
+
+Backward of the fused expert ops: two ops each, the input gradient first, then the weight
+gradient (Lancet's split), so that in a traced backward graph the weight-gradient GEMMs are a
+node of their own that only the parameter gradients read::
+
+    d_x, d_h_NF = grouped_gemm_act_backward_input(grad_NI, x, token_N, counts_E, w_in, b_in, <act attrs>)
+    d_w_in, d_b_in = grouped_gemm_act_backward_weight(d_h_NF, x, token_N, counts_E, w_in, b_in, transposed)
+    d_a, d_y_NH, d_weights = grouped_gemm_combine_backward_input(grad_TH, a, slot_N, counts_E, w_out, b_out,
+                                                                 weights_TK, transposed)
+    d_w_out, d_b_out = grouped_gemm_combine_backward_weight(d_y_NH, a, counts_E, w_out, b_out, transposed)
+
+``d_h_NF`` is the gradient at the first GEMM's output (after the activation's backward) and
+``d_y_NH`` the gradient at the second GEMM's output (routing weight applied): the intermediates
+both halves need, handed over so that nothing is recomputed; rows at or past ``sum(counts_E)``
+are zero. In an expert-parallel backward the input gradient feeds the reverse all-to-all, which
+can then be issued before the weight gradient runs, so dW hides under its own chunk's exchange
+(``moec.passes.schedule_overlap``). The routing-weight gradient goes with the combine's input
+op: it needs y, the GEMM output the input op recomputes anyway, and ``grad_TH``, ``slot_N``
+and ``weights_TK``, which the weight op would otherwise take as three more inputs; and it feeds
+the router's gradient, which is input-gradient work that must not wait behind dW. The cost of
+the split is the [N, F] and [N, H] intermediates, alive from one op to the other.
 
 After the passes a layer reads::
 
@@ -29,6 +50,7 @@ F first-GEMM width (2I when gated), I expert hidden.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -288,8 +310,8 @@ def _grouped_gemm_act_fake(x, token_idx, counts, w_in, b_in, activation, transpo
     return x.new_empty(out_rows(x, token_idx), act_width(out_width(w_in, transposed), activation))
 
 
-@torch.library.custom_op("moec::grouped_gemm_act_backward", mutates_args=())
-def grouped_gemm_act_backward(
+@torch.library.custom_op("moec::grouped_gemm_act_backward_input", mutates_args=())
+def grouped_gemm_act_backward_input(
     grad_out: Tensor,
     x: Tensor,
     token_idx: Optional[Tensor],
@@ -301,19 +323,45 @@ def grouped_gemm_act_backward(
     interleaved: bool,
     alpha: float,
     limit: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for (x, w_in, b_in); an empty tensor for an absent bias."""
+) -> tuple[Tensor, Tensor]:
+    """(d_x, d_h): the gradient for x, and d_h [rows, F], the gradient at the GEMM's output
+    (zero past the counts) that ``grouped_gemm_act_backward_weight`` reads."""
+    h_NF = grouped_gemm_reference(x, token_idx, counts, w_in, b_in, transposed)
+    d_h_NF = _grads(lambda h_: activation_reference(h_, activation, interleaved, alpha, limit), grad_out, [h_NF])[0]
+    d_h_NF[int(counts.sum()):] = 0  # not GEMM outputs: dropped slots
 
-    def out_of(x_, w_, b_):
-        return grouped_gemm_act_reference(x_, token_idx, counts, w_, b_, activation, transposed, interleaved,
-                                          alpha, limit)
+    def out_of(x_):
+        return grouped_gemm_reference(x_, token_idx, counts, w_in, b_in, transposed)
 
-    return tuple(_grads(out_of, grad_out, [x, w_in, b_in]))
+    return _grads(out_of, d_h_NF, [x])[0], d_h_NF
 
 
-@grouped_gemm_act_backward.register_fake
-def _grouped_gemm_act_backward_fake(grad_out, x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
-    return _like(grad_out, x), _like(grad_out, w_in), _like(grad_out, b_in)
+@grouped_gemm_act_backward_input.register_fake
+def _grouped_gemm_act_backward_input_fake(grad_out, x, token_idx, counts, w_in, b_in, activation, transposed,
+                                          interleaved, alpha, limit):
+    return _like(grad_out, x), x.new_empty(out_rows(x, token_idx), out_width(w_in, transposed))
+
+
+def _grouped_weight_grads(d_out, x, token_idx, counts, w, b, transposed):
+    def out_of(w_, b_):
+        return grouped_gemm_reference(x, token_idx, counts, w_, b_, transposed)
+
+    return tuple(_grads(out_of, d_out, [w, b]))
+
+
+@torch.library.custom_op("moec::grouped_gemm_act_backward_weight", mutates_args=())
+def grouped_gemm_act_backward_weight(
+    d_h: Tensor, x: Tensor, token_idx: Optional[Tensor], counts: Tensor, w_in: Tensor, b_in: Optional[Tensor],
+    transposed: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients for (w_in, b_in) from d_h of ``grouped_gemm_act_backward_input``; an empty tensor
+    for an absent bias. ``w_in`` and ``b_in`` give the layout and presence only."""
+    return _grouped_weight_grads(d_h, x, token_idx, counts, w_in, b_in, transposed)
+
+
+@grouped_gemm_act_backward_weight.register_fake
+def _grouped_gemm_act_backward_weight_fake(d_h, x, token_idx, counts, w_in, b_in, transposed):
+    return _like(d_h, w_in), _like(d_h, b_in)
 
 
 @torch.library.custom_op("moec::grouped_gemm_combine", mutates_args=())
@@ -335,8 +383,8 @@ def _grouped_gemm_combine_fake(a, slot_idx, counts, w_out, b_out, weights, trans
     return a.new_empty(weights.numel() // weights.shape[-1], out_width(w_out, transposed))
 
 
-@torch.library.custom_op("moec::grouped_gemm_combine_backward", mutates_args=())
-def grouped_gemm_combine_backward(
+@torch.library.custom_op("moec::grouped_gemm_combine_backward_input", mutates_args=())
+def grouped_gemm_combine_backward_input(
     grad_out: Tensor,
     a: Tensor,
     slot_idx: Tensor,
@@ -345,29 +393,54 @@ def grouped_gemm_combine_backward(
     b_out: Optional[Tensor],
     weights: Tensor,
     transposed: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (a, w_out, b_out, weights); an empty tensor for an absent bias."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_a, d_y, d_weights): the gradients for a and the routing weights, and d_y [rows, H], the
+    gradient at the GEMM's output (zero past the counts) that ``grouped_gemm_combine_backward_weight``
+    reads."""
+    y_NH = grouped_gemm_reference(a, None, counts, w_out, b_out, transposed)
+    d_y_NH, d_weights = _grads(lambda y_, weights_: combine_reference(y_, slot_idx, weights_), grad_out,
+                               [y_NH, weights])
+    d_y_NH[int(counts.sum()):] = 0  # not GEMM outputs: dropped slots
 
-    def out_of(a_, w_, b_, weights_):
-        return grouped_gemm_combine_reference(a_, slot_idx, counts, w_, b_, weights_, transposed)
+    def out_of(a_):
+        return grouped_gemm_reference(a_, None, counts, w_out, b_out, transposed)
 
-    return tuple(_grads(out_of, grad_out, [a, w_out, b_out, weights]))
+    return _grads(out_of, d_y_NH, [a])[0], d_y_NH, d_weights
 
 
-@grouped_gemm_combine_backward.register_fake
-def _grouped_gemm_combine_backward_fake(grad_out, a, slot_idx, counts, w_out, b_out, weights, transposed):
-    return _like(grad_out, a), _like(grad_out, w_out), _like(grad_out, b_out), torch.empty_like(weights)
+@grouped_gemm_combine_backward_input.register_fake
+def _grouped_gemm_combine_backward_input_fake(grad_out, a, slot_idx, counts, w_out, b_out, weights, transposed):
+    return (_like(grad_out, a), a.new_empty(a.numel() // a.shape[-1], out_width(w_out, transposed)),
+            torch.empty_like(weights))
+
+
+@torch.library.custom_op("moec::grouped_gemm_combine_backward_weight", mutates_args=())
+def grouped_gemm_combine_backward_weight(
+    d_y: Tensor, a: Tensor, counts: Tensor, w_out: Tensor, b_out: Optional[Tensor], transposed: bool
+) -> tuple[Tensor, Tensor]:
+    """Gradients for (w_out, b_out) from d_y of ``grouped_gemm_combine_backward_input``; an empty
+    tensor for an absent bias. ``w_out`` and ``b_out`` give the layout and presence only."""
+    return _grouped_weight_grads(d_y, a, None, counts, w_out, b_out, transposed)
+
+
+@grouped_gemm_combine_backward_weight.register_fake
+def _grouped_gemm_combine_backward_weight_fake(d_y, a, counts, w_out, b_out, transposed):
+    return _like(d_y, w_out), _like(d_y, b_out)
 
 
 # The fakes of every op above by name, shared by the implementations in other namespaces.
-FAKES = {name: globals()[f"_{name}_fake"] for name in ['gate', 'gate_backward', 'permute', 'grouped_gemm', 'grouped_gemm_backward', 'activation', 'activation_backward', 'grouped_gemm_act', 'grouped_gemm_act_backward', 'grouped_gemm_combine', 'grouped_gemm_combine_backward']}
-
 LOWERED_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
+# The backward ops every namespace registers (``register_autograd`` calls them).
+BACKWARD_OPS = ("gate_backward", "grouped_gemm_backward", "activation_backward", "grouped_gemm_act_backward_input",
+                "grouped_gemm_act_backward_weight", "grouped_gemm_combine_backward_input",
+                "grouped_gemm_combine_backward_weight")
+FAKES = {name: globals()[f"_{name}_fake"] for name in LOWERED_OPS + BACKWARD_OPS}
 
 # ----------------------------------------------------------------------------------------------
-# Autograd, shared by every namespace: the backward of ``ns::op`` is ``ns::op_backward``
+# Autograd, shared by every namespace: the backward of ``ns::op`` calls ``ns::op_backward*``
 # ----------------------------------------------------------------------------------------------
-# Each entry: (setup(ctx, inputs) -> saved tensors, and backward(ctx, backward_op, grads) -> input grads).
+# Each entry: (setup(ctx, inputs) -> saved tensors, and backward(ctx, ns, grads) -> input grads), where
+# ``ns`` holds the namespace's ``BACKWARD_OPS``.
 
 
 def _gate_setup(ctx, inputs):
@@ -376,9 +449,10 @@ def _gate_setup(ctx, inputs):
     return x, router_weight, router_bias, correction_bias
 
 
-def _gate_bwd(ctx, backward_op, grad_weights, grad_idx, grad_counts):
+def _gate_bwd(ctx, ns, grad_weights, grad_idx, grad_counts):
     x, router_weight, router_bias, correction_bias = ctx.saved_tensors
-    gx, gw, gb = backward_op(grad_weights.contiguous(), x, router_weight, router_bias, correction_bias, *ctx.attrs)
+    gx, gw, gb = ns.gate_backward(grad_weights.contiguous(), x, router_weight, router_bias, correction_bias,
+                                  *ctx.attrs)
     return (gx, gw if router_weight is not None else None, gb if router_bias is not None else None) + (None,) * 7
 
 
@@ -388,9 +462,9 @@ def _gg_setup(ctx, inputs):
     return x, token_idx, counts, w, b
 
 
-def _gg_bwd(ctx, backward_op, grad_out):
+def _gg_bwd(ctx, ns, grad_out):
     x, token_idx, counts, w, b = ctx.saved_tensors
-    gx, gw, gb = backward_op(grad_out.contiguous(), x, token_idx, counts, w, b, ctx.transposed)
+    gx, gw, gb = ns.grouped_gemm_backward(grad_out.contiguous(), x, token_idx, counts, w, b, ctx.transposed)
     return gx, None, None, gw, gb if b is not None else None, None
 
 
@@ -399,9 +473,15 @@ def _act_setup(ctx, inputs):
     return (inputs[0],)
 
 
-def _act_bwd(ctx, backward_op, grad_out):
+def _act_bwd(ctx, ns, grad_out):
     (h,) = ctx.saved_tensors
-    return (backward_op(grad_out.contiguous(), h, *ctx.attrs),) + (None,) * 4
+    return (ns.activation_backward(grad_out.contiguous(), h, *ctx.attrs),) + (None,) * 4
+
+
+def _wants_weight_grads(ctx, w_pos: int, b: Optional[Tensor]) -> bool:
+    """Whether autograd asks for the expert weight's (or bias's) gradient: frozen experts skip the
+    weight-gradient op."""
+    return ctx.needs_input_grad[w_pos] or (b is not None and ctx.needs_input_grad[w_pos + 1])
 
 
 def _gga_setup(ctx, inputs):
@@ -410,9 +490,14 @@ def _gga_setup(ctx, inputs):
     return x, token_idx, counts, w_in, b_in
 
 
-def _gga_bwd(ctx, backward_op, grad_out):
+def _gga_bwd(ctx, ns, grad_out):
     x, token_idx, counts, w_in, b_in = ctx.saved_tensors
-    gx, gw, gb = backward_op(grad_out.contiguous(), x, token_idx, counts, w_in, b_in, *ctx.attrs)
+    # Input gradient first: in an expert-parallel backward it is what the exchange waits for.
+    gx, d_h = ns.grouped_gemm_act_backward_input(grad_out.contiguous(), x, token_idx, counts, w_in, b_in, *ctx.attrs)
+    gw = gb = None
+    if _wants_weight_grads(ctx, 3, b_in):
+        transposed = ctx.attrs[1]
+        gw, gb = ns.grouped_gemm_act_backward_weight(d_h, x, token_idx, counts, w_in, b_in, transposed)
     return (gx, None, None, gw, gb if b_in is not None else None) + (None,) * 5
 
 
@@ -422,10 +507,13 @@ def _ggc_setup(ctx, inputs):
     return a, slot_idx, counts, w_out, b_out, weights
 
 
-def _ggc_bwd(ctx, backward_op, grad_out):
+def _ggc_bwd(ctx, ns, grad_out):
     a, slot_idx, counts, w_out, b_out, weights = ctx.saved_tensors
-    ga, gw, gb, gweights = backward_op(grad_out.contiguous(), a, slot_idx, counts, w_out, b_out, weights,
-                                       ctx.transposed)
+    ga, d_y, gweights = ns.grouped_gemm_combine_backward_input(grad_out.contiguous(), a, slot_idx, counts, w_out,
+                                                               b_out, weights, ctx.transposed)
+    gw = gb = None
+    if _wants_weight_grads(ctx, 3, b_out):
+        gw, gb = ns.grouped_gemm_combine_backward_weight(d_y, a, counts, w_out, b_out, ctx.transposed)
     return ga, None, None, gw, gb if b_out is not None else None, gweights, None
 
 
@@ -440,15 +528,17 @@ _AUTOGRAD = {
 
 def register_autograd(namespace: str, forward_ops: dict) -> None:
     """Give each differentiable op of ``forward_ops`` (name -> the op object returned by
-    ``custom_op``/``triton_op``) the autograd formula above, calling ``namespace::<name>_backward``."""
+    ``custom_op``/``triton_op``) the autograd formula above, calling the ``BACKWARD_OPS`` of
+    ``namespace``."""
+    # Resolved now, so that a namespace missing one of them fails at import, not in a backward.
+    ns = SimpleNamespace(**{op: getattr(getattr(torch.ops, namespace), op).default for op in BACKWARD_OPS})
     for name, (setup, bwd) in _AUTOGRAD.items():
-        backward_op = getattr(getattr(torch.ops, namespace), f"{name}_backward").default
 
         def setup_context(ctx, inputs, output, setup=setup):
             ctx.save_for_backward(*setup(ctx, inputs))
 
-        def backward(ctx, *grads, bwd=bwd, backward_op=backward_op):
-            return bwd(ctx, backward_op, *grads)
+        def backward(ctx, *grads, bwd=bwd):
+            return bwd(ctx, ns, *grads)
 
         forward_ops[name].register_autograd(backward, setup_context=setup_context)
 

@@ -69,9 +69,9 @@ def _gate_rules(a):
             yield router_w.dim() == 2 and router_w.shape[1] == x.shape[-1], "router weight must be [E, H]"
 
 
-def _grouped_rules(x_pos, w_pos, act_pos=None):
+def _grouped_rules(x_pos, w_pos, act_pos=None, counts_pos=2):
     def rules(a):
-        x, w, counts = node_value(a[x_pos]), node_value(a[w_pos]), node_value(a[2])
+        x, w, counts = node_value(a[x_pos]), node_value(a[w_pos]), node_value(a[counts_pos])
         if act_pos is not None:
             yield a[act_pos] in ops.ACTIVATIONS, f"activation {a[act_pos]!r} is not one of {ops.ACTIVATIONS}"
         if x is not None and w is not None:
@@ -90,6 +90,25 @@ def _grouped_combine_rules(a):
         yield rows.shape[0] == slot.shape[0], "one row per routed slot"
 
 
+def _weight_grad_rules(x_pos, counts_pos, w_pos, transposed_pos, token_pos=None):
+    """A weight-gradient op: the grouped rules, and its first argument, the gradient at the
+    GEMM's output, has one row per GEMM row and the weight's output width."""
+    grouped = _grouped_rules(x_pos, w_pos, counts_pos=counts_pos)
+
+    def rules(a):
+        yield from grouped(a)
+        d_out, x, w = node_value(a[0]), node_value(a[x_pos]), node_value(a[w_pos])
+        token = node_value(a[token_pos]) if token_pos is not None else None
+        if d_out is not None and w is not None:
+            width = w.shape[-1] if a[transposed_pos] else w.shape[-2]
+            yield d_out.dim() == 2 and d_out.shape[-1] == width, "the output gradient must be [rows, out width]"
+            rows = token.shape[0] if token is not None else None if x is None else x.numel() // x.shape[-1]
+            if rows is not None:
+                yield d_out.shape[0] == rows, "one output-gradient row per GEMM row"
+
+    return rules
+
+
 RULES: dict[str, Callable] = {
     "route": _route_rules,
     "dispatch": _dispatch_rules,
@@ -102,6 +121,11 @@ RULES: dict[str, Callable] = {
     "activation": lambda a: iter([(a[1] in ops.ACTIVATIONS, f"activation {a[1]!r} is not one of {ops.ACTIVATIONS}")]),
     "grouped_gemm_act": _grouped_rules(0, 3, act_pos=5),
     "grouped_gemm_combine": _grouped_combine_rules,
+    # The backward of the two fused ops, split into input- and weight-gradient ops (moec.ir.lowered).
+    "grouped_gemm_act_backward_input": _grouped_rules(1, 4, act_pos=6, counts_pos=3),
+    "grouped_gemm_act_backward_weight": _weight_grad_rules(1, 3, 4, 6, token_pos=2),
+    "grouped_gemm_combine_backward_input": _grouped_rules(1, 4, counts_pos=3),
+    "grouped_gemm_combine_backward_weight": _weight_grad_rules(1, 2, 3, 5),
 }
 
 

@@ -22,7 +22,13 @@ Backward: the pass runs on the dynamo graph, before AOT autograd derives the bac
 backend applies the same scheduler (``schedule_graph``) to the forward and backward graphs AOT
 autograd produces (``aot_eager``: as its forward/backward compilers; ``inductor``: as the
 post-grad custom pass), so the backward's exchanges of one chunk overlap the gradient GEMMs of
-another the same way.
+another the same way. The experts' backward is two ops per fused op (``moec.ir.lowered``): an
+input-gradient op, which feeds the reverse exchange and so is a feeder, and a weight-gradient op,
+which only the parameter gradients read and so is ordinary computation. The same tiers then
+place the weight gradients under the exchange of their own chunk (Lancet)::
+
+    wait(grad_c) -> combine_backward_input_c -> act_backward_input_c -> issue(d_x_c)
+        -> combine_backward_weight_c, act_backward_weight_c -> wait(grad_c+1) -> ... -> wait(d_x_c)
 
 Preconditions: the graph is a valid FX graph; every rank schedules the same graph (the order is
 a function of the graph alone, so all ranks issue their collectives in the same order).

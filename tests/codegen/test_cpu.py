@@ -286,22 +286,178 @@ def test_backward_ops_opcheck():
         (ops.gate_backward, (torch.randn(T, K, generator=g), x, rw, None, None, "softmax_topk", K, 1, 1, True, 1.0)),
         (ops.grouped_gemm_backward, (torch.randn(T * K, 2 * I, generator=g), x, token_N, counts_E, w_in, b_in, False)),
         (ops.activation_backward, (torch.randn(T * K, I, generator=g), h, "swiglu", False, 1.702, 7.0)),
-        (ops.grouped_gemm_act_backward, (torch.randn(T * K, I, generator=g), x, token_N, counts_E, w_in, b_in, "swiglu",
-                                         False, False, 1.702, 7.0)),
-        (ops.grouped_gemm_combine_backward, (torch.randn(T, H, generator=g), a, slot_N, counts_E, w_out, b_out,
-                                             weights_TK, False)),
+        (ops.grouped_gemm_act_backward_input, (torch.randn(T * K, I, generator=g), x, token_N, counts_E, w_in, b_in,
+                                               "swiglu", False, False, 1.702, 7.0)),
+        (ops.grouped_gemm_act_backward_weight, (torch.randn(T * K, 2 * I, generator=g), x, token_N, counts_E, w_in,
+                                                b_in, False)),
+        (ops.grouped_gemm_act_backward_weight, (torch.randn(T * K, 2 * I, generator=g), x, token_N, counts_E,
+                                                w_in.transpose(1, 2).contiguous(), None, True)),
+        (ops.grouped_gemm_combine_backward_input, (torch.randn(T, H, generator=g), a, slot_N, counts_E, w_out, b_out,
+                                                   weights_TK, False)),
+        (ops.grouped_gemm_combine_backward_weight, (torch.randn(T * K, H, generator=g), a, counts_E, w_out, b_out,
+                                                    False)),
     ]:
         torch.library.opcheck(op, args)
 
 
 def test_signatures_match_reference():
-    for name in ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine"):
-        for suffix in ("", "_backward"):
-            if suffix and name == "permute":
-                continue
-            mine = getattr(torch.ops.moec_cpu, name + suffix).default._schema
-            ref = getattr(torch.ops.moec, name + suffix).default._schema
-            assert str(mine).replace("moec_cpu::", "moec::") == str(ref), name + suffix
+    from moec.ir.lowered import BACKWARD_OPS, LOWERED_OPS
+
+    for name in LOWERED_OPS + BACKWARD_OPS:
+        mine = getattr(torch.ops.moec_cpu, name).default._schema
+        ref = getattr(torch.ops.moec, name).default._schema
+        assert str(mine).replace("moec_cpu::", "moec::") == str(ref), name
+
+
+# ----------------------------------------------------------------------------------------------
+# The split backward (input-gradient op, then weight-gradient op) against the fused one
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_act_backward(grad_out, x, token_idx, counts, w_in, b_in, activation, transposed, interleaved, alpha, limit):
+    """The one-op backward of ``moec_cpu::grouped_gemm_act`` the split replaced (d_x, d_w, d_b),
+    kept as the bitwise reference: per expert, recompute h, d_h, then d_W and d_x from it."""
+    from moec.codegen.cpu import _act_grad, _empty_grad, _gathered_rows, _linear, _scatter_rows, _spans
+
+    spans, total = _spans(counts)
+    x_ND = _gathered_rows(x, token_idx, total)
+    d_w, d_b = torch.zeros_like(w_in), _empty_grad(grad_out, b_in)
+    d_x_ND = x.new_empty(total, x.shape[-1])
+    for e, start, end in spans:
+        x_MD = x_ND[start:end]
+        h_MF = _linear(x_MD, w_in[e], None if b_in is None else b_in[e], transposed)
+        d_h_MF = _act_grad(grad_out[start:end], h_MF, activation, interleaved, alpha, limit)
+        d_x_ND[start:end] = _fused_gemm_grads(d_h_MF, x_MD, w_in, d_w, e, None if b_in is None else d_b, transposed)
+    return _scatter_rows(d_x_ND, x, token_idx), d_w, d_b
+
+
+def fused_combine_backward(grad_out, a, slot_idx, counts, w_out, b_out, weights, transposed):
+    """The one-op backward of ``moec_cpu::grouped_gemm_combine`` the split replaced (d_a, d_w,
+    d_b, d_weights), kept as the bitwise reference."""
+    from moec.codegen.cpu import _empty_grad, _linear, _spans
+
+    K = weights.shape[-1]
+    spans, total = _spans(counts)
+    slot_M = slot_idx[:total]
+    weight_M = weights.reshape(-1).index_select(0, slot_M)
+    grad_MH = grad_out.reshape(-1, grad_out.shape[-1]).index_select(0, torch.div(slot_M, K, rounding_mode="floor"))
+    a_shape, a = a.shape, a.reshape(-1, a.shape[-1])
+    d_a = torch.zeros_like(a)
+    d_w, d_b = torch.zeros_like(w_out), _empty_grad(grad_out, b_out)
+    d_weight_M = weights.new_empty(total)
+    acc = torch.promote_types(torch.float32, a.dtype)
+    for e, start, end in spans:
+        y_MH = _linear(a[start:end], w_out[e], None if b_out is None else b_out[e], transposed)
+        g_MH = grad_MH[start:end]
+        d_weight_M[start:end] = (y_MH.to(acc) * g_MH.to(acc)).sum(dim=-1)
+        d_y_MH = (g_MH * weight_M[start:end, None]).to(a.dtype)
+        d_a[start:end] = _fused_gemm_grads(d_y_MH, a[start:end], w_out, d_w, e, None if b_out is None else d_b,
+                                           transposed)
+    d_weights = torch.zeros_like(weights).reshape(-1).index_copy_(0, slot_M, d_weight_M)
+    return d_a.reshape(a_shape), d_w, d_b, d_weights.reshape(weights.shape)
+
+
+def _fused_gemm_grads(d_h_MO, x_MD, w, d_w, e, d_b, transposed):
+    if transposed:
+        torch.mm(x_MD.t(), d_h_MO, out=d_w[e])
+        d_x_MD = torch.mm(d_h_MO, w[e].t())
+    else:
+        torch.mm(d_h_MO.t(), x_MD, out=d_w[e])
+        d_x_MD = torch.mm(d_h_MO, w[e])
+    if d_b is not None:
+        torch.sum(d_h_MO, dim=0, out=d_b[e])
+    return d_x_MD
+
+
+# Larger than CASES so that the GEMMs leave BLAS's small-matrix paths; one has a single expert.
+SPLIT_CASES = {**CASES, "many_rows": (150, 96, 64, 6, 2, "random"), "one_expert": (40, 32, 24, 1, 1, "all_on_0")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "clamped_swiglu"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear_layout", "transposed"])
+@pytest.mark.parametrize("case", sorted(SPLIT_CASES))
+def test_split_backward_is_bitwise_the_fused_one(cpu_path, case, transposed, bias, activation, dtype):
+    if cpu_path == "native":
+        pytest.skip("the backward has no native path")
+    T, H, I, E, K, kind = SPLIT_CASES[case]
+    g = torch.Generator().manual_seed(len(case) * 31 + T)
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, kind, g)
+    w_in, w_out, b_in, b_out = expert_weights(E, H, I, activation, transposed, bias, dtype, g)
+    x_TH = torch.randn(T, H, generator=g).to(dtype)
+    a_NI = torch.randn(T * K, I, generator=g).to(dtype)
+    ops = torch.ops.moec_cpu
+
+    act_args = (torch.randn(T * K, I, generator=g).to(dtype), x_TH, token_N, counts_E, w_in, b_in, activation,
+                transposed, False, 1.702, 1.5)
+    d_x, d_h = ops.grouped_gemm_act_backward_input(*act_args)
+    d_w, d_b = ops.grouped_gemm_act_backward_weight(d_h, x_TH, token_N, counts_E, w_in, b_in, transposed)
+    for name, got, want in zip(("d_x", "d_w_in", "d_b_in"), (d_x, d_w, d_b), fused_act_backward(*act_args)):
+        assert torch.equal(got, want), name
+
+    comb_args = (torch.randn(T, H, generator=g).to(dtype), a_NI, slot_N, counts_E, w_out, b_out, weights_TK,
+                 transposed)
+    d_a, d_y, d_weights = ops.grouped_gemm_combine_backward_input(*comb_args)
+    d_w, d_b = ops.grouped_gemm_combine_backward_weight(d_y, a_NI, counts_E, w_out, b_out, transposed)
+    for name, got, want in zip(("d_a", "d_w_out", "d_b_out", "d_weights"), (d_a, d_w, d_b, d_weights),
+                               fused_combine_backward(*comb_args)):
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_split_backward_intermediates_match_reference(cpu_path, case):
+    """d_h and d_y, what the input ops hand to the weight ops: the reference's within the backward
+    tolerance, and zero on the rows past the counts."""
+    T, H, I, E, K, kind = CASES[case]
+    g = torch.Generator().manual_seed(29)
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, kind, g)
+    w_in, w_out, b_in, b_out = expert_weights(E, H, I, "swiglu", False, True, torch.float32, g)
+    x_TH, a_NI = torch.randn(T, H, generator=g), torch.randn(T * K, I, generator=g)
+    act_args = (torch.randn(T * K, I, generator=g), x_TH, token_N, counts_E, w_in, b_in, "swiglu", False, False,
+                1.702, 7.0)
+    comb_args = (torch.randn(T, H, generator=g), a_NI, slot_N, counts_E, w_out, b_out, weights_TK, False)
+    kept = int(counts_E.sum())
+    for name, args in (("grouped_gemm_act_backward_input", act_args),
+                       ("grouped_gemm_combine_backward_input", comb_args)):
+        mine = getattr(torch.ops.moec_cpu, name)(*args)
+        ref = getattr(torch.ops.moec, name)(*args)
+        for i, (m, r) in enumerate(zip(mine, ref)):
+            assert_scaled_close(m, r, REL_TOL["bwd"], f"{name} output {i}")
+        inter = mine[1]
+        assert inter.shape[0] == T * K and (kept == T * K or inter[kept:].abs().max().item() == 0)
+
+
+def test_frozen_experts_skip_the_weight_gradient_op():
+    """autograd calls the weight-gradient op only when the expert weights want a gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    T, H, I, E, K, kind = CASES["random"]
+    g = torch.Generator().manual_seed(31)
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, kind, g)
+    w_in, w_out, _, _ = expert_weights(E, H, I, "swiglu", False, False, torch.float32, g)
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    ops = torch.ops.moec_cpu
+    for trainable in (False, True):
+        a = ops.grouped_gemm_act(x, token_N, counts_E, w_in.clone().requires_grad_(trainable), None, "swiglu", False,
+                                 False, 1.702, 7.0)
+        out = ops.grouped_gemm_combine(a, slot_N, counts_E, w_out.clone().requires_grad_(trainable), None, weights_TK,
+                                       False)
+        with Calls() as calls:
+            out.sum().backward()
+        called = [n for n in calls.names if n.startswith("moec_cpu::")]
+        expected = ["moec_cpu::grouped_gemm_combine_backward_input", "moec_cpu::grouped_gemm_combine_backward_weight",
+                    "moec_cpu::grouped_gemm_act_backward_input", "moec_cpu::grouped_gemm_act_backward_weight"]
+        assert called == (expected if trainable else expected[::2])
 
 
 def test_native_kernels_take_the_small_rows(cpu_path):

@@ -383,6 +383,40 @@ def test_opcheck(name):
     torch.library.opcheck(getattr(ops(), name).default, args)
 
 
+def _backward_cases():
+    T, H, I, E, K = 5, 16, 12, 3, 2
+    idx, counts, token, slot = routing(T, E, K, "random")
+    counts = counts.clone()
+    counts[-1] = 0  # an expert without rows, and its rows (the last ones) past the counts
+    x, a = rand(T, H), rand(T * K, I)
+    w_in, w_out = w_in_of(E, H, I, "swiglu", False, grad=False), w_out_of(E, H, I, True, grad=False)
+    b_in, b_out = rand(E, 2 * I), rand(E, H)
+    weights = torch.rand(T, K, device=DEVICE)
+    return {
+        "grouped_gemm_act_backward_input": (rand(T * K, I), x, token, counts, w_in, b_in, "swiglu", False, False, 1.0,
+                                            7.0),
+        "grouped_gemm_act_backward_weight": (rand(T * K, 2 * I), x, token, counts, w_in, b_in, False),
+        "grouped_gemm_combine_backward_input": (rand(T, H), a, slot, counts, w_out, None, weights, True),
+        "grouped_gemm_combine_backward_weight": (rand(T * K, H), a, counts, w_out, b_out, True),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_backward_cases()))
+def test_backward_ops(name):
+    """The split backward ops (input gradient, then weight gradient): opcheck, the reference's
+    signature and values (the intermediates d_h and d_y zero past the counts on both sides)."""
+    args = _backward_cases()[name]
+    op = getattr(ops(), name).default
+    assert str(op._schema).replace("moec_triton::", "moec::") == str(getattr(torch.ops.moec, name).default._schema)
+    torch.library.opcheck(op, args)
+    outs = op(*args)
+    for i, (got, want) in enumerate(zip(outs, getattr(torch.ops.moec, name)(*args))):
+        assert_close_rel(got, want, 4e-5, f"{name} output {i}")
+    if name.endswith("_input"):
+        kept = int(args[3].sum())
+        assert kept < outs[1].shape[0] and outs[1][kept:].abs().max().item() == 0
+
+
 def test_layer_under_torch_compile():
     """gate -> permute -> grouped_gemm_act -> grouped_gemm_combine through moec_triton ops, compiled
     with aot_eager in one graph, matches the same pipeline of moec ops in eager, with gradients."""

@@ -171,3 +171,97 @@ def test_backward_matches_autograd_of_reference():
     want = run(ops.route_reference, ref_dispatch, ops.expert_ffn_reference, ops.combine_reference)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lowered ops (moec.ir.lowered): the split backward of the fused expert ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _lowered_case(dropped: bool):
+    """float64 args of grouped_gemm_act / grouped_gemm_combine; with ``dropped`` the counts leave
+    the last slots to no expert (a capacity limit upstream)."""
+    g = torch.Generator().manual_seed(3)
+    K = 2
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    token, slot = torch.ops.moec.permute(idx, counts)
+    if dropped:
+        counts = counts.clone()
+        counts[-1] = 0  # the rows of the last expert (at the end) are past the counts
+    w_in, w_out = weights(True)
+    b_in = torch.randn(E, 2 * I, dtype=torch.float64, generator=g)
+    b_out = torch.randn(E, H, dtype=torch.float64, generator=g)
+    x = torch.randn(T, H, dtype=torch.float64, generator=g)
+    a = torch.randn(T * K, I, dtype=torch.float64, generator=g)
+    w_TK = torch.rand(T, K, dtype=torch.float64, generator=g)
+    act = (x, token, counts, w_in, b_in, "clamped_swiglu", False, True, 1.702, 0.8)
+    comb = (a, slot, counts, w_out, b_out, w_TK, False)
+    return act, comb, g
+
+
+@pytest.mark.parametrize("dropped", [False, True], ids=["dropless", "dropped_slots"])
+def test_split_backward_equals_the_fused_vjp(dropped):
+    """The input op then the weight op give the gradients of one vjp of the whole reference (what
+    the fused backward op computed), and the intermediate is zero past the counts."""
+    from moec.ir import lowered
+
+    (x, token, counts, w_in, b_in, *attrs), comb, g = _lowered_case(dropped)
+    kept = int(counts.sum())
+    grad_a = torch.randn(T * 2, I, dtype=torch.float64, generator=g)
+    fused = ops._grads(lambda x_, w_, b_: lowered.grouped_gemm_act_reference(x_, token, counts, w_, b_, *attrs),
+                       grad_a, [x, w_in, b_in])
+    d_x, d_h = torch.ops.moec.grouped_gemm_act_backward_input(grad_a, x, token, counts, w_in, b_in, *attrs)
+    d_w, d_b = torch.ops.moec.grouped_gemm_act_backward_weight(d_h, x, token, counts, w_in, b_in, attrs[1])
+    assert d_h.shape == (T * 2, 2 * I) and (kept == T * 2 or d_h[kept:].abs().max() == 0)
+    for got, want in zip((d_x, d_w, d_b), fused):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    a, slot, counts, w_out, b_out, w_TK, transposed = comb
+    grad_out = torch.randn(T, H, dtype=torch.float64, generator=g)
+    fused = ops._grads(lambda a_, w_, b_, wt_: lowered.grouped_gemm_combine_reference(a_, slot, counts, w_, b_, wt_,
+                                                                                      transposed),
+                       grad_out, [a, w_out, b_out, w_TK])
+    d_a, d_y, d_weights = torch.ops.moec.grouped_gemm_combine_backward_input(grad_out, *comb)
+    d_w, d_b = torch.ops.moec.grouped_gemm_combine_backward_weight(d_y, a, counts, w_out, b_out, transposed)
+    assert d_y.shape == (T * 2, H) and (kept == T * 2 or d_y[kept:].abs().max() == 0)
+    for got, want in zip((d_a, d_w, d_b, d_weights), fused):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_lowered_ops_opcheck():
+    """The fused expert ops, whose autograd (test_autograd_registration, test_aot_dispatch_dynamic)
+    calls the split backward ops. The backward references themselves are not opchecked: they
+    differentiate the forward reference with torch.func.vjp, whose wrapper tensors opcheck's
+    modes cannot inspect (as for the fused backward reference before them); their
+    implementations are (tests/codegen)."""
+    act, comb, _ = _lowered_case(dropped=False)
+    x, token, counts, w_in, b_in, *attrs = act
+    a, slot, counts, w_out, b_out, w_TK, transposed = comb
+    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+    torch.library.opcheck(torch.ops.moec.grouped_gemm_act, (leaf(x), token, counts, leaf(w_in), leaf(b_in), *attrs))
+    torch.library.opcheck(torch.ops.moec.grouped_gemm_combine,
+                          (leaf(a), slot, counts, leaf(w_out), leaf(b_out), leaf(w_TK), transposed))
+
+
+
+def test_verifier_checks_the_split_backward_ops():
+    """The op spec table covers the split backward ops: a backward graph passes, a weight op fed
+    a gradient of the wrong width is refused."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from moec.ir.verify import IRError, verify
+
+    (x, token, counts, w_in, b_in, *attrs), comb, g = _lowered_case(dropped=False)
+    grad_a = torch.randn(T * 2, I, dtype=torch.float64, generator=g)
+
+    def backward(grad_a, x, token, counts, w_in, b_in, width):
+        _, d_h = torch.ops.moec.grouped_gemm_act_backward_input(grad_a, x, token, counts, w_in, b_in, *attrs)
+        return torch.ops.moec.grouped_gemm_act_backward_weight(d_h[:, :width], x, token, counts, w_in, b_in, attrs[1])
+
+    args = (grad_a, x, token, counts, w_in, b_in)
+    good = make_fx(lambda *t: backward(*t, 2 * I), tracing_mode="fake")(*args)
+    assert verify(good) == 2
+    bad = make_fx(lambda *t: backward(*t, I), tracing_mode="fake")(*args)
+    with pytest.raises(IRError, match="grouped_gemm_act_backward_weight.*out width"):
+        verify(bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import operator
 
 import pytest
 import torch
@@ -182,6 +183,80 @@ def test_backward_graph_is_scheduled_too(group_name, monkeypatch):
     # the last layer's backward runs first: its chunks' first exchanges precede its first gradient GEMM
     assert len(issues) >= 2 * CHUNKS and gemms
     assert sorted(issues)[CHUNKS - 1] < min(gemms)
+
+
+def _users_until_issue(node):
+    """The first collective issue reached from ``node`` along its users (breadth first)."""
+    queue, seen = list(node.users), set()
+    while queue:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_issue(n):
+            return n
+        queue.extend(n.users)
+    return None
+
+
+def _producer(arg):
+    """The op node behind a getitem of a multi-output op."""
+    return arg.args[0] if arg.target is operator.getitem else arg
+
+
+def _weight_gradient_chunks(nodes):
+    """Per chunk of every layer's backward: (the reverse exchange of the experts' input gradient,
+    its wait, the chunk's two weight-gradient ops), found through the data edges."""
+    chunks = []
+    for n in nodes:
+        if moec_op_name(n) != "grouped_gemm_act_backward_weight":
+            continue
+        act_input = _producer(n.args[0])  # d_h comes from the chunk's input-gradient op
+        assert moec_op_name(act_input) == "grouped_gemm_act_backward_input"
+        combine_input = _producer(act_input.args[0])  # whose output gradient is the combine's d_a
+        assert moec_op_name(combine_input) == "grouped_gemm_combine_backward_input"
+        (combine_weight,) = [u for g in combine_input.users for u in g.users
+                             if moec_op_name(u) == "grouped_gemm_combine_backward_weight"]
+        issue = _users_until_issue(act_input)
+        (wait,) = [u for u in issue.users if u.target is WAIT]
+        chunks.append((issue, wait, n, combine_weight))
+    return chunks
+
+
+def test_backward_weight_gradients_run_under_their_own_exchange(group_name, monkeypatch):
+    """Lancet's trick: the experts' backward is an input-gradient op and a weight-gradient op
+    (moec.ir.lowered), so the scheduler issues each chunk's reverse exchange of the input
+    gradient before that chunk's weight-gradient ops, which then run while it travels. AOT
+    autograd emits them the other way round (input, weight, then the exchange); fused into one
+    op, dW would sit before the exchange whatever the schedule."""
+    import moec.backend
+    from moec.ir.verify import verify
+
+    seen = []
+
+    def recording(gm):
+        before = list(gm.graph.nodes)
+        gm, moved = schedule_overlap(gm)
+        seen.append((before, gm))
+        return gm, moved
+
+    monkeypatch.setattr(moec.backend, "schedule_overlap", recording)
+    model, args = BUILTIN_MODELS["shared-expert"]()
+    compiled = moec.compile(model, expert_parallel=True, chunks=CHUNKS, inner="aot_eager")
+    compiled(args[0].requires_grad_(True)).sum().backward()
+    (_, _), (unscheduled, bw) = seen
+    assert verify(bw) > 0  # the op spec table holds on the split backward ops
+    nodes = list(bw.graph.nodes)
+    chunks = _weight_gradient_chunks(nodes)
+    assert len(chunks) == 2 * CHUNKS  # both layers, every chunk
+    pos = {n: i for i, n in enumerate(nodes)}
+    old = {n: i for i, n in enumerate(unscheduled)}
+    for issue, wait, act_weight, combine_weight in chunks:
+        # scheduled: issue < dW(act), dW(combine) < wait -- the weight gradients under the exchange
+        assert pos[issue] < min(pos[act_weight], pos[combine_weight]), issue.name
+        assert max(pos[act_weight], pos[combine_weight]) < pos[wait], wait.name
+        # AOT's own order had the exchange after the weight gradients: the scheduler moved it
+        assert old[issue] > max(old[act_weight], old[combine_weight]), issue.name
 
 
 def test_backend_schedules_aot_graphs(group_name):
