@@ -54,6 +54,9 @@ DEFAULT_A2A_BYTES = (256, 4096, 32768, 131072, 524288, 2097152, 4194304)
 # The layer the compute is measured at when none is given: mid-sized, fp32.
 REPRESENTATIVE = LayerShape(tokens=1024, hidden=512, expert_hidden=1024, num_experts=8, top_k=2, name="representative")
 BURSTS = 5
+# The row gather that measures memory bandwidth cycles over copies of the rows adding up to this
+# many bytes: more than a CPU's last-level cache (32 MB on this project's EPYC).
+COLD_BYTES = 128 << 20
 BURST_S = 0.02  # aim for bursts this long; at most MAX_CALLS calls
 MAX_CALLS = 50
 
@@ -146,9 +149,15 @@ def measure_compute(shape: Optional[LayerShape] = None, device: torch.device | s
     rows = shape.tokens * shape.top_k  # R at uniform routing
     x_RH = torch.randn(rows, H, generator=g).to(device, dtype)
     perm_R = torch.randperm(rows, generator=g).to(device)
-    # index_select, as the lowered ops and ep_moe gather rows (advanced indexing is ~3x slower on CPU).
-    gather = lambda: x_RH.index_select(0, perm_R)  # noqa: E731
+    # index_select, as the lowered ops and ep_moe gather rows (advanced indexing is ~3x slower on
+    # CPU), from sources rotated over COLD_BYTES: a layer's rows are not in cache when it moves
+    # them (one source gathered again and again measured 4x the bandwidth, from L3).
+    copies = -(-COLD_BYTES // max(1, x_RH.numel() * x_RH.element_size()))
+    sources = [x_RH] + [x_RH.clone() for _ in range(copies - 1)]
+    turn = iter(range(1 << 62))
+    gather = lambda: sources[next(turn) % len(sources)].index_select(0, perm_R)  # noqa: E731
     t_gather = _per_call(gather, _calls_for(gather, device), device)
+    del sources
     mem = 2 * x_RH.numel() * x_RH.element_size() / max(t_gather - overhead, 1e-9)
 
     linear = _expert_linear(device)
