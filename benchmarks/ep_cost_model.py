@@ -61,6 +61,7 @@ import torch.multiprocessing as mp
 from moec.runtime import contiguous_placement, ep_moe
 from moec.runtime.calibrate import calibrate
 from moec.runtime.cost_model import Calibration, LayerShape, predict
+from moec.runtime.jsonfile import write_json
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET = 0.25
@@ -285,11 +286,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(s[0] for s in SCHEDULES)}")
 
     name = opts.out or f"cpu-ep-cost-model-{platform.node() or 'host'}"
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(dict(machine=machine, settings=vars(opts), target=TARGET, calibrations=calibrations, rows=rows),
-                  f, indent=2)
+    path = write_json(os.path.join(RESULTS_DIR, f"{name}.json"),
+                      dict(machine=machine, settings=vars(opts), target=TARGET, calibrations=calibrations, rows=rows),
+                      indent=2)
     print(f"wrote {path}")
     return 0
 

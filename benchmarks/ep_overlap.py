@@ -38,7 +38,6 @@ Method: every schedule is compiled once, warmed up, then the schedules are timed
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -49,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moec.runtime.jsonfile import write_json
 from moec.runtime.launch import spawn_gloo
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -230,13 +230,10 @@ def main(argv=None) -> int:
         print(f"routing skew {prediction['skew']:.3f}; terms at r=1: "
               + ", ".join(f"{k}={v * 1e3:.2f} ms" for k, v in prediction["terms_s"].items()))
     if opts.out:
-        os.makedirs(RESULTS, exist_ok=True)
         doc = dict(benchmark="ep_overlap", settings=vars(opts), torch=torch.__version__, python=sys.version.split()[0],
                    machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
                    device="cpu (gloo, one machine)", rows=rows, prediction=prediction)
-        path = os.path.join(RESULTS, f"{opts.out}.json")
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1)
+        path = write_json(os.path.join(RESULTS, f"{opts.out}.json"), doc)
         print(f"wrote {path}")
     return 0
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -40,6 +39,7 @@ sys.path.insert(0, REPO)
 
 from moec.passes.placement import DEFAULT_HISTORY, evaluate_windows  # noqa: E402
 from moec.passes.placement_score import ScoreConfig  # noqa: E402
+from moec.runtime.jsonfile import write_json  # noqa: E402
 from moec.runtime.trace import RoutingTrace  # noqa: E402
 
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
@@ -167,7 +167,6 @@ def main(argv=None) -> int:
             parts.append(f"moved {a['moved_ratio_vs_scratch']:.3f}x scratch at {100 * a['step_time_cost_vs_scratch']:+.2f}% step time")
         print(f"  {c['preset']} N={c['world_size']} S={c['slots_per_rank']}: " + "; ".join(parts))
 
-    os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{opts.out}.json")
     doc = dict(benchmark="placement", kind="simulated (cost model; nothing run on a device)",
                date=datetime.datetime.now().isoformat(timespec="seconds"), host=platform.node(),
@@ -177,8 +176,7 @@ def main(argv=None) -> int:
                              hidden=ScoreConfig().hidden, expert_hidden=ScoreConfig().expert_hidden,
                              dtype_bytes=ScoreConfig().dtype_bytes, calibration="Calibration.default() (assumed)"),
                cases=cases)
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+    write_json(path, doc)
     print(f"\nwrote {path}")
     return 0
 

@@ -105,6 +105,15 @@ def flatten_placement(rank_experts, shares=None) -> tuple[list[int], list[int], 
     return slots, counts, flat_shares
 
 
+def _held(slots, slot_counts):
+    """(position in ``slots``, rank, local slot, expert) of every slot, rank 0's first."""
+    pos = 0
+    for rank, n in enumerate(slot_counts):
+        for local in range(n):
+            yield pos, rank, local, slots[pos]
+            pos += 1
+
+
 @functools.lru_cache(maxsize=256)
 def _replica_tables(slots: tuple, slot_counts: tuple, shares: tuple, num_experts: int):
     """Per expert, its replicas' ranks and local slots and their cumulative shares, [E, R] each
@@ -113,13 +122,9 @@ def _replica_tables(slots: tuple, slot_counts: tuple, shares: tuple, num_experts
                                            f"{len(slots)} slots")
     _check(not shares or len(shares) == len(slots), "shares must give one fraction per slot, or none")
     replicas: list[list[tuple[int, int, Optional[float]]]] = [[] for _ in range(num_experts)]
-    pos = 0
-    for rank, n in enumerate(slot_counts):
-        for local in range(n):
-            e = slots[pos]
-            _check(0 <= e < num_experts, f"placement lists expert {e} but the layer has {num_experts}")
-            replicas[e].append((rank, local, shares[pos] if shares else None))
-            pos += 1
+    for pos, rank, local, e in _held(slots, slot_counts):
+        _check(0 <= e < num_experts, f"placement lists expert {e} but the layer has {num_experts}")
+        replicas[e].append((rank, local, shares[pos] if shares else None))
     missing = [e for e, reps in enumerate(replicas) if not reps]
     _check(not missing, f"placement holds experts {missing[:8]} on no rank: their tokens would be dropped")
     R = max(len(reps) for reps in replicas)
@@ -188,11 +193,8 @@ def _first_replica_rows(slots, slot_counts, num_experts: int) -> Tensor:
     """Row of each expert's first replica in the all-gathered ``[W * S_max, ...]`` shards."""
     s_max = max(slot_counts)
     first: dict[int, int] = {}
-    pos = 0
-    for rank, n in enumerate(slot_counts):
-        for local in range(n):
-            first.setdefault(slots[pos], rank * s_max + local)
-            pos += 1
+    for _, rank, local, e in _held(slots, slot_counts):
+        first.setdefault(e, rank * s_max + local)
     _check(len(first) == num_experts, f"placement holds {len(first)} of the {num_experts} experts")
     return torch.tensor([first[e] for e in range(num_experts)])
 

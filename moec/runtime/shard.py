@@ -51,6 +51,9 @@ import moec.ir.parallel  # noqa: F401  (registers moec::unshard)
 from moec.ir.parallel import flatten_placement
 from moec.passes.expert_parallel import resolve_group
 
+# Where a module-list layer's stacked shards live (on the layer or its parent: ``shards_holder``).
+SHARDS = "moec_expert_shards"
+
 
 def moe_layers(model: nn.Module) -> list[tuple[str, object]]:
     """(name, ExpertsSpec) of every recognised MoE layer, in module order: what plan layers index."""
@@ -161,7 +164,7 @@ def _shard_module_list(model, name, spec, fetched, experts, E) -> None:
     on its parent when the layer is itself a module list or dict) and free the per-expert weights."""
     sources = spec.ffn.sources
     shards = ExpertShards(fetched, experts, E, sources, spec.ffn.fetch)
-    model.get_submodule(shards_holder(model, name)).add_module("moec_expert_shards", shards)
+    model.get_submodule(shards_holder(model, name)).add_module(SHARDS, shards)
     spec.ffn = dataclasses.replace(spec.ffn, fetch=shards.fetch, sources=())
     with torch.no_grad():
         for expert in sources:
@@ -174,6 +177,18 @@ def _shard_module_list(model, name, spec, fetched, experts, E) -> None:
 # ----------------------------------------------------------------------------------------------
 
 _KEYS = ("w_in", "w_out", "b_in", "b_out")
+
+
+def _sharded_layers(model: nn.Module):
+    """(name, spec, holder, shards) of every sharded layer: ``holder`` names the module that would
+    hold its ``ExpertShards``, ``shards`` is that module for module-list experts, None for stacked
+    parameters sharded in place."""
+    for name, spec in moe_layers(model):
+        if spec.shard_group is None:
+            continue
+        holder = shards_holder(model, name)
+        shards = model.get_submodule(holder)._modules.get(SHARDS)
+        yield name, spec, holder, shards if shards is not None and shards.sources else None
 
 
 def _placement_args(spec, world: int) -> tuple[list[int], list[int], list[float]]:
@@ -211,18 +226,14 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded model's state dict (see the module docstring); collective."""
     state = model.state_dict()
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    for name, spec in moe_layers(model):
-        if spec.shard_group is None:
-            continue
+    for name, spec, holder, shards in _sharded_layers(model):
         group = resolve_group(spec.shard_group)
         slots, counts, shares = _placement_args(spec, dist.get_world_size(group))
 
         def gather(t):
             return torch.ops.moec.unshard(t.detach(), spec.shard_group, slots, counts, shares, spec.num_experts)
 
-        holder = shards_holder(model, name)
-        shards = model.get_submodule(holder).__dict__["_modules"].get("moec_expert_shards")
-        if shards is None or not shards.sources:  # stacked parameters sharded in place
+        if shards is None:  # stacked parameters sharded in place
             for t in spec.ffn.fetch():
                 if t is not None:
                     state[names[id(t)]] = gather(t)
@@ -232,7 +243,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, idx in zip(_KEYS, index):
             if idx is not None:
                 flat[idx.flatten()] = gather(getattr(shards, key)).flatten().to(flat.dtype)
-            state.pop(f"{holder}.moec_expert_shards.{key}".lstrip("."), None)
+            state.pop(f"{holder}.{SHARDS}.{key}".lstrip("."), None)
         offset = 0
         for p, shape in zip(params, shards.source_shapes):
             n = math.prod(shape)
@@ -246,12 +257,8 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     state = dict(state)
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     with torch.no_grad():
-        for name, spec in moe_layers(model):
-            if spec.shard_group is None:
-                continue
-            holder = shards_holder(model, name)
-            shards = model.get_submodule(holder).__dict__["_modules"].get("moec_expert_shards")
-            if shards is None or not shards.sources:
+        for name, spec, _, shards in _sharded_layers(model):
+            if shards is None:
                 for t in spec.ffn.fetch():
                     if t is not None:
                         rows = torch.tensor(t._moec_shard[0], dtype=torch.int64)

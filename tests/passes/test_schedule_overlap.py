@@ -158,26 +158,35 @@ def test_schedule_preserves_values_bitwise(group_name, chunks):
     torch.testing.assert_close(out_a, eager(args[0]), rtol=1e-5, atol=1e-6)
 
 
-def test_backward_graph_is_scheduled_too(group_name, monkeypatch):
-    """AOT autograd's backward of a 3-chunk layer, scheduled by the backend: every chunk's first
-    backward exchange (output gradients back to the experts) is issued before the first gradient
-    GEMM of the layer."""
+def _scheduled_backward(monkeypatch):
+    """A training step of the 3-chunk shared-expert layer compiled with aot_eager: AOT autograd's
+    backward graph's nodes as AOT emitted them, the graph module the backend's schedule_overlap
+    made of it, and how many nodes that moved."""
     import moec.backend
 
     seen = []
 
     def recording(gm):
+        before = list(gm.graph.nodes)
         gm, moved = schedule_overlap(gm)
-        seen.append((gm.graph, moved))
+        seen.append((before, gm, moved))
         return gm, moved
 
     monkeypatch.setattr(moec.backend, "schedule_overlap", recording)
     model, args = BUILTIN_MODELS["shared-expert"]()
     compiled = moec.compile(model, expert_parallel=True, chunks=CHUNKS, inner="aot_eager")
     compiled(args[0].requires_grad_(True)).sum().backward()
-    (fw, _), (bw, moved) = seen
+    _, backward = seen  # forward, then backward
+    return backward
+
+
+def test_backward_graph_is_scheduled_too(group_name, monkeypatch):
+    """AOT autograd's backward of a 3-chunk layer, scheduled by the backend: every chunk's first
+    backward exchange (output gradients back to the experts) is issued before the first gradient
+    GEMM of the layer."""
+    _, bw, moved = _scheduled_backward(monkeypatch)
     assert moved > 0
-    nodes = list(bw.nodes)
+    nodes = list(bw.graph.nodes)
     issues = [i for i, n in enumerate(nodes) if is_issue(n)]
     gemms = [i for i, n in enumerate(nodes) if (moec_op_name(n) or "").startswith("grouped_gemm")]
     # the last layer's backward runs first: its chunks' first exchanges precede its first gradient GEMM
@@ -229,22 +238,9 @@ def test_backward_weight_gradients_run_under_their_own_exchange(group_name, monk
     gradient before that chunk's weight-gradient ops, which then run while it travels. AOT
     autograd emits them the other way round (input, weight, then the exchange); fused into one
     op, dW would sit before the exchange whatever the schedule."""
-    import moec.backend
     from moec.ir.verify import verify
 
-    seen = []
-
-    def recording(gm):
-        before = list(gm.graph.nodes)
-        gm, moved = schedule_overlap(gm)
-        seen.append((before, gm))
-        return gm, moved
-
-    monkeypatch.setattr(moec.backend, "schedule_overlap", recording)
-    model, args = BUILTIN_MODELS["shared-expert"]()
-    compiled = moec.compile(model, expert_parallel=True, chunks=CHUNKS, inner="aot_eager")
-    compiled(args[0].requires_grad_(True)).sum().backward()
-    (_, _), (unscheduled, bw) = seen
+    unscheduled, bw, _ = _scheduled_backward(monkeypatch)
     assert verify(bw) > 0  # the op spec table holds on the split backward ops
     nodes = list(bw.graph.nodes)
     chunks = _weight_gradient_chunks(nodes)
