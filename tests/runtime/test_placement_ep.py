@@ -62,6 +62,9 @@ def _cases(world: int) -> list[dict]:
         dict(name="stacked-bmm-placed-all-to-rank0", spec="builtin:stacked-bmm", rows=[2, 0, 1, 2][:world],
              chunks=2, inner="aot_eager", to_rank0=True),
         dict(name="mixtral-placed", spec="hf:mixtral", rows=[1] * world, chunks=2, inner="aot_eager", shares_on=1),
+        # One token per rank, two chunks (one empty on every rank): most experts and replicas get none.
+        dict(name="moe-mlp-placed-one-token", spec="builtin:moe-mlp", rows=[1] * world, seq=1, chunks=2,
+             inner="aot_eager"),
     ]
     if world == 2:
         cases.append(dict(name="stacked-bmm-placed-inductor", spec="builtin:stacked-bmm", rows=uneven, chunks=3,
