@@ -127,11 +127,13 @@ def main(argv=None) -> int:
     heads = ["preset", "N", "S", "method", "max/mean", "worst", "x-rank", "x-node", "a2a GB", "step ms", "moved"]
     lines = []
     for preset in opts.presets:
+        t0 = time.process_time()
         trace = RoutingTrace.load(f"synthetic:{preset}")
+        generated_s = time.process_time() - t0  # CPU seconds to generate the preset
         for N in opts.world_sizes:
             S = math.ceil((1 + opts.replicas) * trace.num_experts / N)
             case = run_case(trace, N, opts.ranks_per_node, S, opts.history)
-            case.update(preset=preset, num_experts=trace.num_experts, num_layers=trace.num_layers,
+            case.update(preset=preset, trace_generation_cpu_s=generated_s, num_experts=trace.num_experts, num_layers=trace.num_layers,
                         num_windows=trace.num_windows, top_k=trace.top_k,
                         acceptance=acceptance(case, trace.affinity_WLEE is not None and
                                               (trace.meta.get("generator") or {}).get("affinity", 1) > 0))

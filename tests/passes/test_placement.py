@@ -357,13 +357,10 @@ def test_previous_plan_halves_weights_moved(presets, name, N):
     assert kept.time_s <= 1.02 * scratch.time_s  # on window 2, never seen by either plan
 
 
-def test_planning_speed_256_experts_8_layers_32_ranks():
-    import time
-
+def test_plans_256_experts_8_layers_32_ranks():
+    """A full-size case plans to a valid plan (its time is benchmarks/placement.py's ``seconds``)."""
     trace = synthetic_trace(256, 8, 1, 4096, 8, zipf_s=1.0, affinity=0.8, seed=2)
-    start = time.perf_counter()
     plan = place(trace, 32, 8, 10, options=PlacementOptions())
-    assert time.perf_counter() - start < 10.0  # ~0.6 s here
     plan.validate(num_experts=256, num_layers=8, slots_per_rank=10)
 
 

@@ -3,7 +3,6 @@ definition, the knobs doing what they say (skew, affinity, drift), the presets, 
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -116,10 +115,7 @@ def test_drift_changes_popularity_between_windows():
 
 def test_presets_shapes_speed_and_claims():
     for name, params in PRESETS.items():
-        start = time.process_time()
-        t = preset_trace(name)
-        seconds = time.process_time() - start
-        assert seconds < 3.0, (name, seconds)
+        t = preset_trace(name)  # generation time: benchmarks/placement.py records it
         assert t.meta["source"] == f"synthetic:{name}" and t.meta["generator"] == {
             "affinity_group": 1, "topk_groups": 0, **params, "zipf_s": float(params["zipf_s"]),
             "affinity": float(params["affinity"]), "drift": float(params["drift"])}
@@ -132,12 +128,6 @@ def test_presets_shapes_speed_and_claims():
         assert PRESETS[base]["drift"] > 0 and PRESETS[base]["zipf_s"] >= 1
         group = PRESETS[f"{base}-group-affinity"]
         assert group["topk_groups"] == 1 and group["affinity"] > 0 and group["zipf_s"] == PRESETS[base]["zipf_s"]
-
-
-def test_generation_speed_256_experts():  # CPU time: other processes sharing the cores do not count
-    start = time.process_time()
-    synthetic_trace(256, 8, 4, 16384, 8, zipf_s=1.0, affinity=0.5, drift=0.1, seed=0)
-    assert time.process_time() - start < 2.0
 
 
 @pytest.mark.parametrize("kwargs, needle", [
