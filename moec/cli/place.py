@@ -9,7 +9,9 @@ baseline alike, plans on the moving average of windows 0..i (window j weighted D
 window i+1; the output says which. Scores: per layer and in
 total, max/mean rank load, cross-rank and cross-node pair fractions, all-to-all bytes, simulated
 step time (cost model; ``Calibration.default()``, assumed H100-class constants, unless
-``--calibration``), weights moved from ``--previous``. It writes moec's plan as JSON (format in
+``--calibration``), weights moved from ``--previous``; and the traffic floor of the scored window
+(``traffic_floor``: no plan with S slots per rank and max/mean <= 1.05 crosses ranks or nodes
+less). It writes moec's plan as JSON (format in
 ``moec.runtime.plan``) to ``--out`` (default ``moec-plan-<trace>.json`` in the current directory)
 and, with ``--plot``, a load heat map PNG. ``--json`` prints one JSON document and nothing else on
 stdout. A problem the user can fix raises ``PlaceError`` (one line; ``moec`` exits 2).
@@ -34,6 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 DEFAULT_TOKENS = 4096
+FLOOR_MAX_MEAN = 1.05  # the balance the printed traffic floor assumes (issue 6's max/mean target)
 
 
 class PlaceError(Exception):
@@ -82,7 +85,7 @@ def _default_out(trace_arg: str) -> str:
 
 def place_main(opts) -> int:
     from moec.passes.placement import DEFAULT_HISTORY, compare, scoring_window
-    from moec.passes.placement_score import ScoreConfig
+    from moec.passes.placement_score import ScoreConfig, traffic_floor
     from moec.runtime.cost_model import Calibration
     from moec.runtime.plan import PlacementPlan, PlanError
     from moec.runtime.trace import RoutingTrace, TraceError
@@ -122,6 +125,8 @@ def place_main(opts) -> int:
     except PlanError as e:
         raise PlaceError(str(e)) from None
     scored_on = scoring_window(trace, window)
+    floor = traffic_floor(trace.affinity_WLEE[scored_on] if trace.affinity_WLEE is not None else None, N, M, S,
+                          max_mean=FLOOR_MAX_MEAN)
     plan = results["moec"][0]
     plan.meta.update(trace=opts.trace, window=window, scored_on=scored_on, ranks_per_node=M, slots_per_rank=S)
     out = Path(opts.out or _default_out(opts.trace))
@@ -142,6 +147,7 @@ def place_main(opts) -> int:
                                     dtype_bytes=config.dtype_bytes),
                    calibration_source=calib_source, calibration=calib.to_dict(), plan_path=str(out),
                    previous=opts.previous, plot=opts.plot,
+                   traffic_floor=dict(floor, max_mean=FLOOR_MAX_MEAN),
                    methods={name: dict(score.to_dict(), meta=p.meta) for name, (p, score) in results.items()},
                    plan=plan.to_dict())
         print(json.dumps(doc, indent=1, default=_json_default))
@@ -160,6 +166,11 @@ def place_main(opts) -> int:
         print(f"previous plan: {opts.previous} (weights moved are counted from it)")
     print()
     print(_total_table(results))
+    if floor["cross_rank"] is not None:
+        node = f", x-node {_pct(floor['cross_node'])}" if N > M else ""
+        print(f"traffic floor on window {scored_on}: no plan with {S} slot(s) per rank and max/mean <= "
+              f"{FLOOR_MAX_MEAN} crosses less than x-rank {_pct(floor['cross_rank'])}{node} "
+              f"(moec.passes.placement_score.traffic_floor, a bound)")
     print()
     print(_layer_table(results))
     print()

@@ -50,6 +50,18 @@ tokens rank r takes under the plan, ``load_E`` the window's slots per expert)
 * Trace counts are scaled so that the mean rank sends ``tokens_per_rank * top_k`` slots per layer
   (``ScoreConfig.tokens_per_rank``, default 4096 as ``moec optimize``; None keeps the trace's
   counts): a window's counts give the routing's proportions, the step size is the deployment's.
+* **Traffic floor** (``traffic_floor``): the lowest cross-rank (cross-node) fraction that *any*
+  plan with S slots per rank and max/mean load <= b (default 1.05) can reach on a window; it says
+  how much of the traffic the window's affinity lets a placement keep local. Per transition, split
+  the pairs into their part under independence, ``A_ind = rowsum(A) colsum(A)^T / P`` (P pairs),
+  and the excess ``X = max(A - A_ind, 0)``; same-rank pairs are at most
+  ``sum_r R_r C_r / P <= max_r C_r <= b P / N`` of the independent part (``R_r``, ``C_r``: the
+  pairs leaving / reaching rank r, ``C_r`` proportional to rank r's layer-(l+1) load as the
+  profiler and the synthetic traces count pairs) plus, of the excess, at most
+  ``min(sum_a top_S(X[a, :]), sum_b top_S(X[:, b]))`` (a rank holds at most S experts of each
+  layer and an expert's shares sum to 1). So ``cross_rank >= 1 - (b P / N + min(...)) / P``; the
+  same with nodes of M ranks (N / M bins of M*S slots) bounds cross-node. It is a bound, not a
+  plan: where a token's experts sit in dense groups (the ``*-group-affinity`` presets) it is loose.
 * **Weights moved** from a previous plan: (expert, rank) pairs held now that the previous plan's
   same layer did not hold; bytes = that count x ``g1*I*H*b``. Dropping a replica moves nothing.
 
@@ -69,7 +81,7 @@ from moec.runtime.cost_model import OPS_FIXED, OPS_PER_EXPERT, Calibration
 from moec.runtime.plan import PlacementPlan, PlanError
 
 __all__ = ["LayerScore", "PlanScore", "ScoreConfig", "dispatch_matrix", "pair_flow", "score_plan",
-           "score_arrays", "score_window_inputs", "weights_moved"]
+           "score_arrays", "score_window_inputs", "traffic_floor", "weights_moved"]
 
 ID_BYTES = 8  # the local expert id ep_moe sends with each row
 
@@ -224,6 +236,43 @@ def dispatch_matrix(share_prev_NE: Optional[np.ndarray], affinity_EE: Optional[n
             weights_EE = affinity_EE[:, has] / col_E[has] * load_E[has]
             origin_NE[:, has] = share_prev_NE @ weights_EE
     return origin_NE @ share_NE.T
+
+
+def _local_bound(affinity_EE: np.ndarray, bins: int, slots: int, max_mean: float) -> float:
+    """Most pairs of one transition that can share a bin (rank or node) under any placement with
+    ``slots`` experts of each layer per bin and bin loads <= ``max_mean`` x the mean (module
+    docstring, "Traffic floor")."""
+    A = np.asarray(affinity_EE, dtype=np.float64)
+    P = float(A.sum())
+    if bins <= 1:
+        return P
+    excess_EE = np.maximum(A - np.outer(A.sum(1), A.sum(0)) / P, 0.0)
+    k = min(slots, A.shape[0])
+    by_row = float(-np.sort(-excess_EE, axis=1)[:, :k].sum())
+    by_col = float(-np.sort(-excess_EE, axis=0)[:k].sum())
+    return min(P, max_mean * P / bins + min(by_row, by_col))
+
+
+def traffic_floor(affinity_LEE: Optional[np.ndarray], world_size: int, ranks_per_node: int, slots_per_rank: int,
+                  max_mean: float = 1.05) -> dict[str, Optional[float]]:
+    """``{"cross_rank", "cross_node"}``: the lowest pair-weighted cross-rank and cross-node fractions
+    any plan with ``slots_per_rank`` slots and max/mean load <= ``max_mean`` can reach on these
+    affinity counts [L-1, E, E] (None without pairs; module docstring, "Traffic floor")."""
+    if max_mean < 1:
+        raise ValueError(f"moec: max_mean is a max/mean load, at least 1; got {max_mean}")
+    if affinity_LEE is None:
+        return dict(cross_rank=None, cross_node=None)
+    A_LEE = np.asarray(affinity_LEE, dtype=np.float64)
+    N, S = world_size, slots_per_rank
+    M = min(ranks_per_node, N)
+    total = float(A_LEE.sum())
+    if total <= 0:
+        return dict(cross_rank=None, cross_node=None)
+    out = {}
+    for name, bins, slots in (("cross_rank", N, S), ("cross_node", N // M, M * S)):
+        local = sum(_local_bound(A_EE, bins, slots, max_mean) for A_EE in A_LEE if A_EE.sum() > 0)
+        out[name] = max(0.0, 1.0 - local / total)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

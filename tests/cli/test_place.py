@@ -35,6 +35,9 @@ def test_tables_and_plan_file(capsys, tmp_path):
     assert "planned on window 0, scored on window 1" in out
     assert "calibration: assumed H100-class defaults" in out
     totals = out[out.index("totals"):out.index("per layer")].strip().splitlines()
+    floor = totals.pop()
+    assert floor.startswith("traffic floor on window 1: no plan with 5 slot(s) per rank and max/mean <= 1.05 "
+                            "crosses less than x-rank "), floor
     assert totals[1].split()[:3] == ["method", "max/mean", "load"]
     assert [line.split()[0] for line in totals[2:]] == METHODS
     layers = out[out.index("per layer"):].strip().splitlines()
@@ -65,6 +68,9 @@ def test_json_previous_and_window(capsys, tmp_path):
     assert len(doc["methods"]["moec"]["layers"]) == 8
     assert PlacementPlan.from_dict(doc["plan"]) == PlacementPlan.load(second)
     assert doc["calibration"]["assumed"]  # the assumed constants are marked as such
+    floor = doc["traffic_floor"]
+    assert floor["max_mean"] == 1.05 and 0 < floor["cross_rank"] <= kept["cross_rank"]
+    assert 0 <= floor["cross_node"] <= kept["cross_node"]
 
 
 def _read_png(path):
