@@ -25,6 +25,7 @@ method. Numbers are means over the scored windows (weights moved: over windows >
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -38,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from moec.passes.placement import DEFAULT_HISTORY, evaluate_windows  # noqa: E402
-from moec.passes.placement_score import ScoreConfig, traffic_floor  # noqa: E402
+from moec.passes.placement_score import ScoreConfig, score_plan, traffic_floor  # noqa: E402
 from moec.runtime.jsonfile import write_json  # noqa: E402
 from moec.runtime.trace import RoutingTrace  # noqa: E402
 
@@ -57,8 +58,15 @@ def _mean(xs):
 
 def run_case(trace: RoutingTrace, N: int, M: int, S: int, history: float) -> dict:
     t0 = time.perf_counter()
-    rows = evaluate_windows(trace, N, M, S, config=ScoreConfig.from_trace(trace), history=history)
+    config = ScoreConfig.from_trace(trace)
+    rows = evaluate_windows(trace, N, M, S, config=config, history=history)
     seconds = time.perf_counter() - t0
+    # EPLB's plans run with moec's adaptive replica balancing too (not a baseline: how much of moec's
+    # balance is the runtime's), scored on the same windows
+    for r in rows:
+        for e in EPLB:
+            plan = dataclasses.replace(r["plans"][e], replica_balance="adaptive")
+            r["scores"][f"{e}+adaptive"] = score_plan(plan, trace, r["scored_on"], ranks_per_node=M, config=config)
     methods = list(rows[-1]["scores"])
     summary = {}
     for name in methods:
@@ -96,6 +104,7 @@ def acceptance(case: dict, has_affinity: bool) -> dict:
         max_mean_load=m["max_mean_load"],
         max_mean_le_1_05=m["max_mean_load_worst"] <= 1.05,
         max_mean_vs_best_eplb=m["max_mean_load"] - eplb_best,
+        max_mean_vs_best_eplb_adaptive=m["max_mean_load"] - min(s[f"{e}+adaptive"]["max_mean_load"] for e in EPLB),
         max_mean_not_worse_than_eplb_every_window=all(a <= b + 1e-12 for a, b in per_window),
         step_time_vs_best_baseline=m["time_s"] / min(s[b]["time_s"] for b in BASELINES),
         step_time_better_than_every_baseline=all(
@@ -166,7 +175,8 @@ def main(argv=None) -> int:
         a = c["acceptance"]
         parts = [f"max/mean {a['max_mean_load']:.4f} (<=1.05 every window: {a['max_mean_le_1_05']}; "
                  f"vs best EPLB {a['max_mean_vs_best_eplb']:+.4f}, never worse per window: "
-                 f"{a['max_mean_not_worse_than_eplb_every_window']})",
+                 f"{a['max_mean_not_worse_than_eplb_every_window']}; vs EPLB's plans balanced adaptively "
+                 f"{a['max_mean_vs_best_eplb_adaptive']:+.4f})",
                  f"step time / best baseline {a['step_time_vs_best_baseline']:.4f} "
                  f"(better in every window: {a['step_time_better_than_every_baseline']})"]
         if "cross_rank_reduction_vs_contiguous" in a:

@@ -22,6 +22,10 @@ Contract:
   each rank keeps the experts the plan gives it (replicas included) and routes each token to one
   of its expert's replicas (``moec.runtime.shard``, ``moec.ir.parallel``); placed layers use the
   flat all-to-all. Without it, placement is contiguous (rank w: experts ``[w*E/W, (w+1)*E/W)``).
+  ``replica_balance=`` "static" (split a replicated expert's tokens by the plan's shares) or
+  "adaptive" (one small all-reduce of the step's tokens per expert, then shares that balance the
+  ranks on them; ``moec::ep_route_adaptive``); default: the plan's ``replica_balance``, else
+  "static". Layers without replicas route the same either way.
   ``profile=`` a ``moec.runtime.profiler.RoutingProfiler``: the compiled model records each MoE
   layer's routing into it as it runs (forward only; ``profiler.trace()`` reads it).
 - ``inspect(model, *args, **kwargs)`` converts, traces the call once with dynamo (no lowering,
@@ -42,8 +46,8 @@ from moec.passes.select_impl import load_target
 from moec.report import Fallback, Report
 
 _COMPILE_OPTIONS = ("inner", "target", "disable", "dynamic", "fullgraph", "expert_parallel", "group", "chunks",
-                    "timeout_s", "ranks_per_node", "hierarchical", "profile", "placement")
-_EP_OPTIONS = ("group", "chunks", "timeout_s", "ranks_per_node", "hierarchical", "placement")
+                    "timeout_s", "ranks_per_node", "hierarchical", "profile", "placement", "replica_balance")
+_EP_OPTIONS = ("group", "chunks", "timeout_s", "ranks_per_node", "hierarchical", "placement", "replica_balance")
 
 
 def compile(model: nn.Module, **options: Any):
@@ -51,7 +55,10 @@ def compile(model: nn.Module, **options: Any):
     if unknown:
         raise TypeError(f"moec.compile: unknown options {unknown}; known: {list(_COMPILE_OPTIONS)}")
     backend_options = {k: options[k] for k in ("inner", "target", "disable") if k in options}
+    plan = None
     if options.get("expert_parallel", False):
+        plan = _placement(options.get("placement"), options.get("hierarchical"))
+        backend_options["ep_replica_balance"] = _replica_balance(options.get("replica_balance"), plan)
         backend_options["ep_group"] = _ep_group_name(options.get("group"), options.get("timeout_s"))
         backend_options["ep_chunks"] = options.get("chunks", "auto")
         backend_options["ep_hierarchical"] = options.get("hierarchical", "auto")
@@ -72,8 +79,7 @@ def compile(model: nn.Module, **options: Any):
         if backend_options.get("ep_group") is not None:
             from moec.runtime.shard import shard_experts
 
-            shard_experts(model, backend_options["ep_group"], _placement(options.get("placement"),
-                                                                         options.get("hierarchical")))
+            shard_experts(model, backend_options["ep_group"], plan)
     return torch.compile(
         model,
         backend=moec_backend,
@@ -99,6 +105,18 @@ def _placement(placement, hierarchical):
     if plan is not None and hierarchical is True:
         raise ValueError("moec.compile: placed layers use the flat all-to-all; drop hierarchical=True or the placement")
     return plan
+
+
+def _replica_balance(balance, plan) -> str:
+    """``replica_balance=``, else the plan's ``replica_balance``, else "static"."""
+    if balance is None:
+        return plan.replica_balance if plan is not None and plan.replica_balance else "static"
+    if balance not in ("static", "adaptive"):
+        raise ValueError(f"moec.compile: replica_balance must be 'static' or 'adaptive', got {balance!r}")
+    if plan is None:
+        raise ValueError("moec.compile: replica_balance applies to a placement's replicated experts; pass "
+                         "placement= (a plan from `moec place`) or drop replica_balance")
+    return balance
 
 
 def _ep_group_name(group, timeout_s) -> str:

@@ -20,6 +20,9 @@ parallel over that group, with its tokens in ``options["ep_chunks"]`` pipelined 
 chosen by the cost model; an int forces it). ``options["ep_nodes"]`` = (intra-node group name,
 inter-node group name, ranks per node) allows a hierarchical all-to-all, used per layer as
 ``options["ep_hierarchical"]`` says ("auto": the cost model's choice, True, False).
+``options["ep_replica_balance"]``: "static" (default; placed layers split a replicated expert's
+tokens by the plan's shares) or "adaptive" (by shares balanced on each step's routing,
+``moec::ep_route_adaptive``).
 ``options["profile"]`` (a ``moec.runtime.profiler.RoutingProfiler``) runs the
 ``profile_routing`` pass first: the compiled graph records every MoE layer's routing into it.
 
@@ -79,7 +82,9 @@ def _scheduled(graph_module: torch.fx.GraphModule, inputs):
 
 
 TARGETS = ("auto", "cpu", "triton", "reference")
-_OPTIONS = ("inner", "target", "disable", "ep_group", "ep_chunks", "ep_nodes", "ep_hierarchical", "profile")
+_OPTIONS = ("inner", "target", "disable", "ep_group", "ep_chunks", "ep_nodes", "ep_hierarchical",
+            "ep_replica_balance", "profile")
+REPLICA_BALANCE = ("static", "adaptive")
 
 
 def resolve_target(target: str, example_inputs: list) -> str:
@@ -120,6 +125,9 @@ def check_options(options: Optional[dict[str, Any]], who: str = "moec") -> dict[
         raise ValueError(f"{who}: ep_hierarchical must be 'auto', True or False, got {hierarchical!r}")
     if hierarchical is True and nodes is None:
         raise ValueError(f"{who}: ep_hierarchical=True needs the node groups (ep_nodes): more than one node")
+    balance = options.setdefault("ep_replica_balance", "static")
+    if balance not in REPLICA_BALANCE:
+        raise ValueError(f"{who}: ep_replica_balance must be one of {REPLICA_BALANCE}, got {balance!r}")
     profile = options.setdefault("profile", None)
     if profile is not None:
         from moec.runtime.profiler import RoutingProfiler
@@ -173,7 +181,8 @@ def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Option
                                check=os.environ.get("MOEC_CHECK") == "1", group_name=options["ep_group"],
                                chunks=chunk_chooser(options["ep_chunks"], options["ep_hierarchical"],
                                                     options["ep_nodes"][2] if options["ep_nodes"] else None),
-                               nodes=tuple(options["ep_nodes"]) if options["ep_nodes"] else None)
+                               nodes=tuple(options["ep_nodes"]) if options["ep_nodes"] else None,
+                               replica_balance=options["ep_replica_balance"])
     gm.meta["moec_passes"] = records
     in_flight = any(is_issue(n) for n in gm.graph.nodes)
     compiled = lower(gm, example_inputs, options["inner"], schedule="schedule_overlap" not in options["disable"],

@@ -9,7 +9,9 @@ baseline alike, plans on the moving average of windows 0..i (window j weighted D
 window i+1; the output says which. Scores: per layer and in
 total, max/mean rank load, cross-rank and cross-node pair fractions, all-to-all bytes, simulated
 step time (cost model; ``Calibration.default()``, assumed H100-class constants, unless
-``--calibration``), weights moved from ``--previous``; and the traffic floor of the scored window
+``--calibration``), weights moved from ``--previous``; moec's plan is scored with the
+``--replica-balance`` it is written with (default adaptive: the runtime re-balances replicas per
+step, ``moec.compile``'s ``replica_balance``), the baselines with their own shares; and the traffic floor of the scored window
 (``traffic_floor``: no plan with S slots per rank and max/mean <= 1.05 crosses ranks or nodes
 less). It writes moec's plan as JSON (format in
 ``moec.runtime.plan``) to ``--out`` (default ``moec-plan-<trace>.json`` in the current directory)
@@ -61,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="T",
                    help="tokens per rank per step the scores are scaled to (default: %(default)s)")
     p.add_argument("--calibration", metavar="FILE", help="a calibration JSON (default: the assumed H100-class constants)")
+    p.add_argument("--replica-balance", choices=("adaptive", "static"), default="adaptive",
+                   help="how moec's plan splits a replicated expert's tokens at run time, written into the plan and "
+                        "scored so: adaptive (shares re-balanced on every step's routing) or static (the plan's "
+                        "shares) (default: %(default)s)")
     p.add_argument("--plot", metavar="FILE.png", help="also write a load heat map (ranks x layers per method)")
     p.add_argument("--json", action="store_true", help="print one JSON document (and nothing else) on stdout")
     # `moec` fills a missing model spec for the commands that take one; this one takes a trace.
@@ -84,7 +90,7 @@ def _default_out(trace_arg: str) -> str:
 
 
 def place_main(opts) -> int:
-    from moec.passes.placement import DEFAULT_HISTORY, compare, scoring_window
+    from moec.passes.placement import DEFAULT_HISTORY, PlacementOptions, compare, scoring_window
     from moec.passes.placement_score import ScoreConfig, traffic_floor
     from moec.runtime.cost_model import Calibration
     from moec.runtime.plan import PlacementPlan, PlanError
@@ -121,7 +127,8 @@ def place_main(opts) -> int:
             if previous.world_size != N:
                 raise PlaceError(f"--previous {opts.previous} is for {previous.world_size} ranks, not --world-size {N}")
             previous.validate(num_experts=E, num_layers=L)
-        results = compare(trace, N, M, S, window=window, previous=previous, config=config, history=history)
+        results = compare(trace, N, M, S, window=window, previous=previous, config=config, history=history,
+                          options=PlacementOptions(replica_balance=getattr(opts, "replica_balance", "adaptive")))
     except PlanError as e:
         raise PlaceError(str(e)) from None
     scored_on = scoring_window(trace, window)
@@ -162,6 +169,8 @@ def place_main(opts) -> int:
           f"layers at {opts.tokens} tokens/rank, H={config.hidden}, I={config.expert_hidden}, "
           f"{config.dtype_bytes}-byte elements")
     print(f"calibration: {calib_source}")
+    print(f"moec's plan runs with replica_balance={plan.replica_balance} (scored so); the baselines split "
+          f"replicas by their plans' shares (EPLB: evenly, as published)")
     if previous is not None:
         print(f"previous plan: {opts.previous} (weights moved are counted from it)")
     print()

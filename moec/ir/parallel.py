@@ -26,6 +26,13 @@ that expert's tokens its replica takes; empty: even split).
   n goes to the replica whose share interval holds ``((j + 1/2)/n + rank/world) mod 1``), so each
   replica gets its share of every rank's slots to within one slot. Which replica computes a row
   does not change its value (replicas hold the same weights).
+- ``moec::ep_route_adaptive(idx_TK, counts_E, slots, slot_counts, shares, num_experts, rank, chunks)``:
+  ``ep_route_placed`` with the shares of this step instead of the plan's: ``counts_E`` (int64 [E])
+  is every rank's slots per expert, summed over the group (an all-reduce the ``expert_parallel``
+  pass emits before it), and ``balance_replicas`` splits each replicated expert's slots over its
+  replicas so that the ranks' loads are as even as the placement allows. Every rank computes the
+  same shares from the same counts (pure Python floats, fixed order), so the replicas' totals are
+  the balanced amounts to within one slot per rank. Outputs as ``ep_route_placed``.
 - ``moec::unshard(shard, group_name, slots, slot_counts, shares, num_experts)``: collective; every
   expert's weights ``[E, ...]`` from the ranks' shards ``[S_w, ...]`` (an expert's first replica),
   by an all-gather. ``shares`` is not used by it: it keeps the whole placement in the graph for
@@ -115,28 +122,36 @@ def _held(slots, slot_counts):
 
 
 @functools.lru_cache(maxsize=256)
-def _replica_tables(slots: tuple, slot_counts: tuple, shares: tuple, num_experts: int):
-    """Per expert, its replicas' ranks and local slots and their cumulative shares, [E, R] each
-    (padding: rank -1 and cumulative share 2, above any sample in [0, 1))."""
+def _replica_layout(slots: tuple, slot_counts: tuple, num_experts: int):
+    """Per expert, its replicas' ranks, local slots and positions in ``slots``, [E, R] each
+    (padding -1), and how many replicas it has [E]."""
     _check(sum(slot_counts) == len(slots), f"slot_counts {list(slot_counts)} do not add up to the "
                                            f"{len(slots)} slots")
-    _check(not shares or len(shares) == len(slots), "shares must give one fraction per slot, or none")
-    replicas: list[list[tuple[int, int, Optional[float]]]] = [[] for _ in range(num_experts)]
+    replicas: list[list[tuple[int, int, int]]] = [[] for _ in range(num_experts)]
     for pos, rank, local, e in _held(slots, slot_counts):
         _check(0 <= e < num_experts, f"placement lists expert {e} but the layer has {num_experts}")
-        replicas[e].append((rank, local, shares[pos] if shares else None))
+        replicas[e].append((rank, local, pos))
     missing = [e for e, reps in enumerate(replicas) if not reps]
     _check(not missing, f"placement holds experts {missing[:8]} on no rank: their tokens would be dropped")
     R = max(len(reps) for reps in replicas)
-    rank_ER = torch.full((num_experts, R), -1, dtype=torch.int64)
-    local_ER = torch.full((num_experts, R), -1, dtype=torch.int64)
-    cum_ER = torch.full((num_experts, R), 2.0, dtype=torch.float64)
-    for e, reps in enumerate(replicas):
-        total = 0.0
-        for j, (rank, local, share) in enumerate(reps):
-            total += share if share is not None else 1.0 / len(reps)
-            rank_ER[e, j], local_ER[e, j], cum_ER[e, j] = rank, local, total
-        cum_ER[e, len(reps) - 1] = 2.0  # the last replica takes what rounding leaves
+    table = torch.tensor([[list(x) for x in reps] + [[-1, -1, -1]] * (R - len(reps)) for reps in replicas],
+                         dtype=torch.int64).reshape(num_experts, R, 3)
+    return table[..., 0], table[..., 1], table[..., 2], torch.tensor([len(r) for r in replicas])
+
+
+def _replica_tables(slots: tuple, slot_counts: tuple, shares: tuple, num_experts: int):
+    """Per expert, its replicas' ranks and local slots and their cumulative shares, [E, R] each
+    (padding: rank -1 and cumulative share 2, above any sample in [0, 1); the last replica's
+    cumulative share is 2 as well: it takes what rounding leaves)."""
+    _check(not shares or len(shares) == len(slots), "shares must give one fraction per slot, or none")
+    rank_ER, local_ER, pos_ER, n_E = _replica_layout(slots, slot_counts, num_experts)
+    R = rank_ER.shape[1]
+    if shares:
+        share_ER = torch.tensor([*shares, 0.0], dtype=torch.float64)[pos_ER]  # padding reads the 0 at -1
+    else:
+        share_ER = (pos_ER >= 0) / n_E.unsqueeze(1).double()
+    cum_ER = share_ER.cumsum(1)
+    cum_ER[torch.arange(R).unsqueeze(0) >= n_E.unsqueeze(1) - 1] = 2.0
     return rank_ER, local_ER, cum_ER
 
 
@@ -180,6 +195,91 @@ def ep_route_placed(idx: Tensor, slots: list[int], slot_counts: list[int], share
 
 @ep_route_placed.register_fake
 def _(idx, slots, slot_counts, shares, num_experts, rank, chunks):
+    return torch.empty_like(idx), torch.empty_like(idx), idx.new_empty(len(slot_counts), chunks)
+
+
+# Gauss-Seidel sweeps of balance_replicas; it stops earlier once a sweep moves almost nothing.
+BALANCE_SWEEPS = 16
+
+
+def _water_fill(amount: float, levels: list[float]) -> list[float]:
+    """Split ``amount`` over bins at ``levels`` so that the bins that get some end level at one
+    common height and no bin that gets none is below it (the split minimising the sum of squared
+    levels)."""
+    order = sorted(range(len(levels)), key=lambda i: (levels[i], i))
+    height, filled = 0.0, 0.0
+    for j, i in enumerate(order):
+        filled += levels[i]
+        height = (amount + filled) / (j + 1)
+        if j + 1 == len(order) or height <= levels[order[j + 1]]:
+            break
+    return [max(0.0, height - lv) for lv in levels]
+
+
+def balance_replicas(counts: list[float], slots, slot_counts, shares, num_experts: int) -> list[float]:
+    """Per entry of ``slots``, the fraction of its expert's ``counts`` the replica takes so that the
+    ranks' loads (``sum`` of their replicas' amounts) are as even as the placement allows: the split
+    minimising the sum of squared rank loads, which also minimises the largest (the loads a split
+    can give form a polymatroid's base polytope, where one point minimises every separable convex
+    function; Fujishige). Experts held once keep their whole count on their rank; each replicated
+    expert in turn (largest count first, then id) is water-filled over its replicas' ranks given
+    the others (exact block minimisation, which converges), for ``BALANCE_SWEEPS`` sweeps or until a
+    sweep moves less than 1e-9 of the total. An expert with no slots keeps the plan's ``shares``
+    (or the even split). Deterministic: the same counts give the same fractions on every rank."""
+    world = len(slot_counts)
+    held: list[list[tuple[int, int]]] = [[] for _ in range(num_experts)]
+    for pos, rank, _, e in _held(slots, slot_counts):
+        held[e].append((pos, rank))
+    out = [0.0] * len(slots)
+    load = [0.0] * world
+    amounts: dict[int, list[float]] = {}
+    for e, reps in enumerate(held):
+        c = float(counts[e])
+        if c <= 0 or len(reps) == 1:
+            for pos, _ in reps:
+                out[pos] = (float(shares[pos]) if shares else 1.0 / len(reps)) if c <= 0 else 1.0
+            if c > 0:
+                load[reps[0][1]] += c
+            continue
+        start = [float(shares[pos]) if shares else 1.0 / len(reps) for pos, _ in reps]
+        amounts[e] = [c * f for f in start]
+        for (_, rank), a in zip(reps, amounts[e]):
+            load[rank] += a
+    order = sorted(amounts, key=lambda e: (-float(counts[e]), e))
+    total = sum(float(counts[e]) for e in range(num_experts) if counts[e] > 0)
+    for _ in range(BALANCE_SWEEPS):
+        moved = 0.0
+        for e in order:
+            ranks = [rank for _, rank in held[e]]
+            for rank, a in zip(ranks, amounts[e]):
+                load[rank] -= a
+            new = _water_fill(float(counts[e]), [load[rank] for rank in ranks])
+            moved += sum(abs(a - b) for a, b in zip(new, amounts[e]))
+            amounts[e] = new
+            for rank, a in zip(ranks, new):
+                load[rank] += a
+        if moved <= 1e-9 * total:
+            break
+    for e, a in amounts.items():
+        c = float(counts[e])
+        for (pos, _), x in zip(held[e], a):
+            out[pos] = x / c
+    return out
+
+
+@torch.library.custom_op("moec::ep_route_adaptive", mutates_args=())
+def ep_route_adaptive(idx: Tensor, counts: Tensor, slots: list[int], slot_counts: list[int], shares: list[float],
+                      num_experts: int, rank: int, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``ep_route_placed`` with this step's balanced shares (``balance_replicas`` of the group's
+    slots per expert, ``counts``)."""
+    _check(counts.dim() == 1 and counts.numel() == num_experts,
+           f"counts must hold one slot count per expert ({num_experts}), got shape {tuple(counts.shape)}")
+    step_shares = balance_replicas(counts.tolist(), slots, slot_counts, shares, num_experts)
+    return ep_route_placed(idx, slots, slot_counts, step_shares, num_experts, rank, chunks)
+
+
+@ep_route_adaptive.register_fake
+def _(idx, counts, slots, slot_counts, shares, num_experts, rank, chunks):
     return torch.empty_like(idx), torch.empty_like(idx), idx.new_empty(len(slot_counts), chunks)
 
 

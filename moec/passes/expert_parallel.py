@@ -18,6 +18,9 @@ placement=plan)``, ``moec.runtime.shard``), the plan in its arguments decides: `
 sends each slot to one of its expert's replicas, the local experts are the rank's shard (through
 ``moec::replica_sync`` when the layer has replicas) and the exchanges are flat (the chunk
 choice's hierarchical flag is ignored); the counter ``expert_parallel_placed_layers`` counts them.
+With ``replica_balance="adaptive"`` a placed layer with replicas first sums its slots per expert
+over the group (``scatter_add``, a functional ``all_reduce``) and routes with
+``moec::ep_route_adaptive``, which balances the replicas' shares on those counts every step.
 
 Preconditions: ``fuse_combine`` ran (the layer is the three lowered ops); ``torch.distributed``
 is initialised and the group is registered. Layers with an expert capacity keep the canonical
@@ -79,6 +82,7 @@ NAME = "expert_parallel"
 A2A = torch.ops._c10d_functional.all_to_all_single.default
 A2A_AUTOGRAD = torch.ops._c10d_functional_autograd.all_to_all_single.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +149,10 @@ def expert_parallel(
     group_name: Optional[str],
     chunks: Chunks = 1,
     nodes: Optional[tuple[str, str, int]] = None,
+    replica_balance: str = "static",
 ) -> tuple[torch.fx.GraphModule, int]:
+    if replica_balance not in ("static", "adaptive"):
+        raise ValueError(f"moec: replica_balance must be 'static' or 'adaptive', got {replica_balance!r}")
     if group_name is None:
         return gm, 0
     import torch.distributed as dist
@@ -186,9 +193,12 @@ def expert_parallel(
         with graph.inserting_before(ggc):
             out = _emit(graph, ggc, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out,
                         E=E, K=K, world=world, rank=rank, chunks=C, group_name=group_name, layer=changed,
-                        nodes=nodes if hierarchical else None, placement=placement)
+                        nodes=nodes if hierarchical else None, placement=placement,
+                        adaptive=replica_balance == "adaptive")
         torch._dynamo.utils.counters["moec"]["expert_parallel_hierarchical_layers"] += bool(hierarchical)
         torch._dynamo.utils.counters["moec"]["expert_parallel_placed_layers"] += placement is not None
+        torch._dynamo.utils.counters["moec"]["expert_parallel_adaptive_layers"] += (
+            placement is not None and replica_balance == "adaptive" and len(set(placement[0])) < len(placement[0]))
         ggc.replace_all_uses_with(out)
         graph.erase_node(ggc)
         graph.erase_node(gga)
@@ -247,7 +257,7 @@ def _allow_split_sizes() -> None:
 
 
 def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, E, K, world, rank, chunks,
-          group_name, layer, nodes, placement) -> Node:
+          group_name, layer, nodes, placement, adaptive=False) -> Node:
     L = E // world if placement is None else placement[1][rank]
     act, transposed, interleaved, alpha, limit = gga.args[5], gga.args[6], gga.args[7], gga.args[8], gga.args[9]
 
@@ -281,7 +291,15 @@ def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, 
             sizes.append(v)
         return sizes
 
-    if placement is not None:  # placed: the plan's slots, replicas chosen per slot
+    if placement is not None and adaptive and len(set(placement[0])) < len(placement[0]):
+        # placed with replicas, balanced per step: the group's slots per expert, then shares
+        group1, peers1 = group_name, world
+        flat = call(torch.reshape, idx_TK, (-1,), stage="plan")
+        mine = method("scatter_add", method("new_zeros", idx_TK, (E,), stage="plan"), 0, flat,
+                      call(torch.ones_like, flat, stage="plan"), stage="plan")
+        counts_E = call(WAIT, call(ALL_REDUCE, mine, "sum", group_name, stage="plan"), stage="plan")
+        plan = call(op("ep_route_adaptive"), idx_TK, counts_E, *placement, E, rank, chunks, stage="plan")
+    elif placement is not None:  # placed: the plan's slots, replicas chosen per slot
         group1, peers1 = group_name, world
         plan = call(op("ep_route_placed"), idx_TK, *placement, E, rank, chunks, stage="plan")
     elif nodes is None:  # flat: one exchange over the whole group

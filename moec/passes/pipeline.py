@@ -36,13 +36,14 @@ PassFn = Callable[..., tuple[torch.fx.GraphModule, int]]
 
 
 def passes(target: str, group_name: Optional[str] = None, chunks: Chunks = 1,
-           nodes: Optional[tuple[str, str, int]] = None) -> list[tuple[str, PassFn]]:
+           nodes: Optional[tuple[str, str, int]] = None, replica_balance: str = "static") -> list[tuple[str, PassFn]]:
     return [
         ("fuse_gating", fuse_gating),
         ("lower_grouped", lower_grouped),
         ("fuse_activation", fuse_activation),
         ("fuse_combine", fuse_combine),
-        ("expert_parallel", functools.partial(expert_parallel, group_name=group_name, chunks=chunks, nodes=nodes)),
+        ("expert_parallel", functools.partial(expert_parallel, group_name=group_name, chunks=chunks, nodes=nodes,
+                                              replica_balance=replica_balance)),
         ("schedule_overlap", schedule_overlap),
         ("select_impl", functools.partial(select_impl, target=target)),
     ]
@@ -98,12 +99,13 @@ def run_pipeline(
     group_name: Optional[str] = None,
     chunks: Chunks = 1,
     nodes: Optional[tuple[str, str, int]] = None,
+    replica_balance: str = "static",
 ) -> tuple[torch.fx.GraphModule, list[PassRecord]]:
     unknown = sorted(set(disable) - set(PASS_NAMES))
     if unknown:
         raise ValueError(f"moec: unknown passes {unknown} in disable; passes: {list(PASS_NAMES)}")
     records = []
-    for name, fn in passes(target, group_name, chunks, nodes):
+    for name, fn in passes(target, group_name, chunks, nodes, replica_balance):
         before = op_counts(gm)
         if name in disable:
             records.append(PassRecord(name, 0, 0.0, before, before, skipped=True))

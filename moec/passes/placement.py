@@ -15,6 +15,11 @@ plan is a pure function of its inputs (no randomness). This pass plans; it chang
 Preconditions: N*S >= E (every expert needs a slot); N a multiple of M when N > M; the previous
 plan, if any, for the same N, E and layers.
 
+The plans say ``replica_balance="adaptive"`` (``PlacementOptions.replica_balance``): the runtime
+re-balances the replicas' shares on every step's routing (``moec::ep_route_adaptive``), and the
+scorer scores them so (``placement_score.routed_shares``); the shares in the plan are the
+planning window's balanced split, the starting point.
+
 Objectives, in order: (1) the slowest rank's load: max/mean, driven to ~1.000 on the planning
 window with replicas and per-replica ``shares`` (a flow, so replicas need not split evenly as in
 EPLB); (2) the cost of the consecutive-layer pairs that
@@ -100,6 +105,10 @@ class PlacementOptions:
     # traffic cut and 3-16% of step time for a max/mean change within noise (measured; see place_arrays).
     balance_guard: bool = False         # keep affinity only within noisy_max_mean's bound
     guard_margin: float = 0.0           # allowed rise of the predicted next-window max/mean
+    # How the plan is meant to run (PlacementPlan.replica_balance): "adaptive" re-balances the
+    # replicas' shares on every step's routing, so a shift of load between windows is absorbed
+    # wherever the shifted experts, or others on the same ranks, have replicas; "static" keeps the shares.
+    replica_balance: str = "adaptive"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,7 +648,7 @@ def place_arrays(load_LE: np.ndarray, world_size: int, ranks_per_node: int, slot
     def build(prev, keep, seed, weight=1.0) -> PlacementPlan:
         layers = _plan_layers(load_LE, aff, src, N, M, S, top_k, prev, keep, opts, beta_i, beta_e, seed, weight)
         plan = PlacementPlan(world_size=N, layers=layers, num_experts=E, ranks_per_node=ranks_per_node,
-                             meta={"method": "moec"})
+                             meta={"method": "moec"}, replica_balance=opts.replica_balance)
         return plan.validate(num_experts=E, num_layers=L, slots_per_rank=S)
 
     def time_of(plan):

@@ -12,7 +12,10 @@ Nothing is run: every time is a prediction from the formulas below, with ``Calib
 (assumed H100-class constants, see ``moec.runtime.cost_model``) unless the config gives another.
 
 Definitions (layer l, N ranks, nodes of M ranks, ``share_NE[r, e]`` the fraction of expert e's
-tokens rank r takes under the plan, ``load_E`` the window's slots per expert)
+tokens rank r takes under the plan, ``load_E`` the window's slots per expert; with the plan's
+``replica_balance`` "adaptive", ``share_NE`` is what the runtime's per-step balancing gives on the
+window's counts, ``routed_shares``, and each layer with replicas pays one more exchange latency
+and 16 E bytes for the all-reduce of the counts)
 -----------------------------------------------------------------------------------------------
 * Rank load ``load_N = share_NE @ load_E``; balance is ``max(load_N) / mean(load_N)``.
 * Traffic follows the tokens from layer to layer (ExFlow's model, generalised to top-k): a token's
@@ -77,10 +80,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from moec.ir.parallel import _held, balance_replicas, flatten_placement
 from moec.runtime.cost_model import OPS_FIXED, OPS_PER_EXPERT, Calibration
 from moec.runtime.plan import PlacementPlan, PlanError
 
-__all__ = ["LayerScore", "PlanScore", "ScoreConfig", "dispatch_matrix", "pair_flow", "score_plan",
+__all__ = ["LayerScore", "PlanScore", "ScoreConfig", "dispatch_matrix", "pair_flow", "routed_shares", "score_plan",
            "score_arrays", "score_window_inputs", "traffic_floor", "weights_moved"]
 
 ID_BYTES = 8  # the local expert id ep_moe sends with each row
@@ -280,6 +284,24 @@ def traffic_floor(affinity_LEE: Optional[np.ndarray], world_size: int, ranks_per
 # ----------------------------------------------------------------------------------------------
 
 
+def routed_shares(plan: PlacementPlan, load_LE: np.ndarray) -> list[np.ndarray]:
+    """Per layer, ``share_NE`` as the runtime routes the window: the plan's shares, or with
+    ``replica_balance == "adaptive"`` the shares ``moec.ir.parallel.balance_replicas`` computes
+    from the window's slots per expert (the runtime does it per step, on the step's counts)."""
+    if plan.replica_balance != "adaptive":
+        return [plan.share_matrix(l) for l in range(plan.num_layers)]
+    E = load_LE.shape[1]
+    out = []
+    for l, lp in enumerate(plan.layers):
+        slots, slot_counts, shares = flatten_placement(lp.rank_experts, lp.shares)
+        fractions = balance_replicas(np.asarray(load_LE[l], dtype=np.float64).tolist(), slots, slot_counts, shares, E)
+        share_NE = np.zeros((plan.world_size, E))
+        for pos, rank, _, e in _held(slots, slot_counts):
+            share_NE[rank, e] = fractions[pos]
+        out.append(share_NE)
+    return out
+
+
 def weights_moved(plan: PlacementPlan, previous: Optional[PlacementPlan]) -> list[int]:
     """Per layer, (expert, rank) pairs of ``plan`` that ``previous`` did not hold (0s without one)."""
     if previous is None:
@@ -340,7 +362,8 @@ def score_arrays(plan: PlacementPlan, load_LE: np.ndarray, aff_LEE: Optional[np.
     t_count = alphas + count_bytes * ((M - 1) / N * beta_i + (N - M) / N * beta_e) if N > 1 else 0.0
     moved = weights_moved(plan, previous)
 
-    shares = [plan.share_matrix(l) for l in range(L)]
+    shares = routed_shares(plan, load_LE)
+    adaptive = plan.replica_balance == "adaptive"
     layers: list[LayerScore] = []
     src_cross = []
     for l in range(L):
@@ -376,6 +399,9 @@ def score_arrays(plan: PlacementPlan, load_LE: np.ndarray, aff_LEE: Optional[np.
             t_recv = per_slot * (recv_i * beta_i + recv_e * beta_e)
             return float(np.maximum(t_sent, t_recv).max())
         a2a_s = (t_count + 2 * alphas + busiest(row + ID_BYTES) + alphas + busiest(row)) if N > 1 else 0.0
+        if adaptive and N > 1 and any(c > 1 for c in plan.layers[l].copies(E)):
+            # the step's all-reduce of E slot counts before routing (moec::ep_route_adaptive)
+            a2a_s += alphas + 2 * 8 * E * ((M - 1) / N * beta_i + (N - M) / N * beta_e)
         bytes_i = float(sent_i.sum()) * (2 * row + ID_BYTES)
         bytes_e = float(sent_e.sum()) * (2 * row + ID_BYTES)
 

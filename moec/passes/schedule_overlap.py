@@ -36,7 +36,8 @@ a function of the graph alone, so all ranks issue their collectives in the same 
 Pseudo-code (list scheduling, ties broken by the original position)::
 
     feeders = nodes from which an issue is reachable without passing through a data wait
-              (a wait read only by .tolist()/.item(), the split sizes, is a feeder)
+              (a wait read only by .tolist()/.item(), the split sizes, or by ep_route_adaptive,
+              the step's expert counts, is a feeder)
     tier(n) = 0 if n is a placeholder
               1 if n is an issue, a feeder or an assertion   # start communication first
               2 if n is other computation                    # overlap it
@@ -54,6 +55,8 @@ import operator
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Node
+
+from moec.ir.verify import moec_op_name
 
 NAME = "schedule_overlap"
 
@@ -78,9 +81,15 @@ def is_issue(node: Node) -> bool:
             and not is_wait(node))
 
 
+# moec ops that read a waited tensor on the host to plan an exchange (the step's expert counts)
+_HOST_READERS = ("ep_route_adaptive",)
+
+
 def _split_wait(node: Node) -> bool:
-    """A wait whose tensor is only read on the host (split sizes), so it gates an issue."""
-    return all(u.op == "call_method" and u.target in ("tolist", "item") for u in node.users)
+    """A wait whose tensor is only read on the host (split sizes, the expert counts an adaptive
+    route reads), so it gates an issue."""
+    return all((u.op == "call_method" and u.target in ("tolist", "item")) or moec_op_name(u) in _HOST_READERS
+               for u in node.users)
 
 
 def _feeders(nodes: list[Node]) -> set[Node]:

@@ -9,6 +9,9 @@ Contract
   ``LayerPlan.shares[r][i]`` (optional, same nesting) is the fraction of expert
   ``rank_experts[r][i]``'s tokens the replica on rank r takes; per expert the fractions sum to 1
   (within ``SHARE_TOLERANCE``). Without shares a replicated expert's tokens are split evenly.
+  ``replica_balance`` ("static", "adaptive" or None: static) says how the runtime is meant to split
+  them: by those shares, or by shares it balances on each step's routing (``moec.compile``'s
+  ``replica_balance``, ``moec::ep_route_adaptive``); the scorer scores the plan the same way.
 * ``validate(num_experts, num_layers, slots_per_rank)`` raises ``PlanError`` (a ``ValueError`` whose
   one-line message names the problem and the fix) on: an unknown expert id (outside [0, E)), a
   layer whose rank lists do not match ``world_size`` (rank out of range), an expert held by no rank
@@ -28,6 +31,9 @@ JSON format (``save`` / ``load``; UTF-8, one object)::
       "world_size": 4,                       # required: ranks
       "num_experts": 8,                      # optional: experts per layer (else max id + 1)
       "ranks_per_node": 2,                   # optional: informational (the scorer's node size)
+      "replica_balance": "adaptive",         # optional: how the runtime splits a replicated expert's
+                                             #   tokens: "static" (by shares; the default) or "adaptive"
+                                             #   (shares balanced on each step's routing; moec.compile)
       "layers": [                            # required: one object per MoE layer, model order
         {"rank_experts": [[0, 1, 7], [2, 3], [4, 5, 7], [6]],   # required: per rank, its experts
          "shares": [[1.0, 1.0, 0.25], [1.0, 1.0], [1.0, 1.0, 0.75], [1.0]]},  # optional
@@ -54,6 +60,7 @@ from moec.runtime.jsonfile import read_json, write_json
 __all__ = ["LayerPlan", "PlacementPlan", "PlanError", "SHARE_TOLERANCE"]
 
 SHARE_TOLERANCE = 1e-6
+REPLICA_BALANCE = ("static", "adaptive")
 PLAN_FORMAT = "moec-placement-plan"
 PLAN_VERSION = 1
 
@@ -103,6 +110,7 @@ class PlacementPlan:
     num_experts: Optional[int] = None
     ranks_per_node: Optional[int] = None
     meta: dict = field(default_factory=dict)
+    replica_balance: Optional[str] = None  # "static" / "adaptive" (None: static); see the module docstring
 
     # -- construction --------------------------------------------------------------------------
 
@@ -176,6 +184,9 @@ class PlacementPlan:
                             f"layer(s): re-plan for this model (one entry in \"layers\" per MoE layer)")
         if self.ranks_per_node is not None and (not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1):
             raise PlanError(f"plan ranks_per_node must be a positive integer, got {self.ranks_per_node!r}")
+        if self.replica_balance not in (None, *REPLICA_BALANCE):
+            raise PlanError(f"plan replica_balance must be one of {', '.join(map(repr, REPLICA_BALANCE))}, "
+                            f"got {self.replica_balance!r}")
         E = num_experts if num_experts is not None else self.num_experts
         for l, lp in enumerate(self.layers):
             self._validate_layer(l, lp, E, slots_per_rank)
@@ -245,6 +256,8 @@ class PlacementPlan:
             d["num_experts"] = int(self.num_experts)
         if self.ranks_per_node is not None:
             d["ranks_per_node"] = int(self.ranks_per_node)
+        if self.replica_balance is not None:
+            d["replica_balance"] = self.replica_balance
         d["layers"] = [lp.to_dict() for lp in self.layers]
         if self.meta:
             d["meta"] = self.meta
@@ -271,7 +284,7 @@ class PlacementPlan:
         if not isinstance(meta, dict):
             raise PlanError(f"{source}: \"meta\" must be a JSON object")
         plan = cls(world_size=d["world_size"], layers=layers, num_experts=d.get("num_experts"),
-                   ranks_per_node=d.get("ranks_per_node"), meta=meta)
+                   ranks_per_node=d.get("ranks_per_node"), meta=meta, replica_balance=d.get("replica_balance"))
         if plan.num_experts is not None and (not isinstance(plan.num_experts, int) or plan.num_experts < 1):
             raise PlanError(f"{source}: \"num_experts\" must be a positive integer, got {plan.num_experts!r}")
         try:

@@ -302,6 +302,43 @@ def test_auto_schedule_goes_hierarchical_when_the_model_says(monkeypatch):
     assert chunk_chooser(2, True, None)(info) == (2, False)  # no node groups: nothing to be hierarchical with
 
 
+def test_adaptive_route_counts_gate_the_exchange_not_the_compute():
+    """The all-reduce of a step's expert counts feeds ``ep_route_adaptive``, which reads it on the
+    host to plan the exchange: its wait is scheduled as a split-size wait (before computation that
+    can overlap the exchange), not as a data wait (after it)."""
+    import moec.ir.parallel  # noqa: F401  (registers moec::ep_route_adaptive)
+    from moec.passes.schedule_overlap import schedule
+
+    graph = torch.fx.Graph()
+    x, idx, counts = (graph.placeholder(n) for n in ("x", "idx", "counts"))
+    reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (counts, "sum", "g"))
+    waited = graph.call_function(WAIT, (reduced,))
+    dense = graph.call_function(torch.mm, (x, x))  # e.g. a shared expert, independent of the exchange
+    route = graph.call_function(torch.ops.moec.ep_route_adaptive.default, (idx, waited, [0, 1, 0], [2, 1], [], 2, 0, 1))
+    sent = graph.call_function(operator.getitem, (route, 2))
+    issue = graph.call_function(torch.ops._c10d_functional.all_to_all_single.default, (sent, [1, 1], [1, 1], "g"))
+    got = graph.call_function(WAIT, (issue,))
+    graph.output((graph.call_function(torch.add, (dense, dense)), got))
+    order = schedule(list(graph.nodes))
+    assert order.index(waited) < order.index(route) < order.index(issue) < order.index(dense)
+
+
+def test_replica_balance_needs_a_valid_value_and_a_placement(group_name):
+    from moec.backend import check_options
+    from moec.runtime.plan import PlacementPlan
+
+    model, _ = BUILTIN_MODELS["moe-mlp"]()
+    with pytest.raises(ValueError, match="replica_balance applies to a placement's replicated experts"):
+        moec.compile(model, expert_parallel=True, replica_balance="adaptive")
+    plan = PlacementPlan.contiguous(8, 1, 2)
+    with pytest.raises(ValueError, match="replica_balance must be 'static' or 'adaptive', got 'dynamic'"):
+        moec.compile(model, expert_parallel=True, placement=plan, replica_balance="dynamic")
+    with pytest.raises(TypeError, match="apply to expert parallelism"):
+        moec.compile(model, replica_balance="adaptive")
+    with pytest.raises(ValueError, match="ep_replica_balance must be one of"):
+        check_options({"ep_replica_balance": "sometimes"})
+
+
 def test_hierarchical_on_one_node_is_refused(group_name):
     model, _ = BUILTIN_MODELS["moe-mlp"]()
     with pytest.raises(ValueError, match="hierarchical=True needs more than one node"):

@@ -60,15 +60,15 @@ def _cases(world: int) -> list[dict]:
     cases = [
         dict(name="moe-mlp-placed", spec="builtin:moe-mlp", rows=uneven, chunks=1, inner="aot_eager"),
         dict(name="stacked-bmm-placed-all-to-rank0", spec="builtin:stacked-bmm", rows=[2, 0, 1, 2][:world],
-             chunks=2, inner="aot_eager", to_rank0=True),
+             chunks=2, inner="aot_eager", to_rank0=True, balance="adaptive"),
         dict(name="mixtral-placed", spec="hf:mixtral", rows=[1] * world, chunks=2, inner="aot_eager", shares_on=1),
         # One token per rank, two chunks (one empty on every rank): most experts and replicas get none.
         dict(name="moe-mlp-placed-one-token", spec="builtin:moe-mlp", rows=[1] * world, seq=1, chunks=2,
-             inner="aot_eager"),
+             inner="aot_eager", balance="adaptive"),
     ]
     if world == 2:
         cases.append(dict(name="stacked-bmm-placed-inductor", spec="builtin:stacked-bmm", rows=uneven, chunks=3,
-                          inner="inductor"))
+                          inner="inductor", balance="adaptive"))
     return cases
 
 
@@ -77,11 +77,15 @@ def _run_rank(case: dict, world: int, rank: int) -> dict:
     model, full, cot = _build(case, world)
     plan = _plan(case, world)
     mine = tuple(a[_rows(case, rank)] for a in full)
-    compiled = moec.compile(model, expert_parallel=True, chunks=case["chunks"], inner=case["inner"], placement=plan)
+    compiled = moec.compile(model, expert_parallel=True, chunks=case["chunks"], inner=case["inner"], placement=plan,
+                            replica_balance=case.get("balance"))
     torch._dynamo.utils.counters["moec"].clear()
     out = primary_output(compiled(*mine))
-    assert torch._dynamo.utils.counters["moec"]["expert_parallel_layers"] == plan.num_layers
-    assert torch._dynamo.utils.counters["moec"]["expert_parallel_placed_layers"] == plan.num_layers
+    counters = torch._dynamo.utils.counters["moec"]
+    assert counters["expert_parallel_layers"] == plan.num_layers
+    assert counters["expert_parallel_placed_layers"] == plan.num_layers
+    # every layer of these plans has replicas: all balanced per step, or none
+    assert counters["expert_parallel_adaptive_layers"] == (plan.num_layers if case.get("balance") else 0)
     (out * cot[_rows(case, rank)]).sum().backward()
     return dict(out=out.detach(), grads=_rank_grads(model))
 
@@ -127,6 +131,104 @@ def test_placed_route_sends_every_slot_to_a_replica_in_its_share():
     want = torch.tensor(PlacementPlan(world, [lp], num_experts=E).share_matrix(0)) * torch.bincount(
         idx.reshape(-1), minlength=E) * world
     assert (taken - want).abs().max() <= world  # each rank's split within one slot per replica
+
+
+def _held_loads(lp: LayerPlan, fractions: list[float], counts: list[float]) -> list[float]:
+    loads, pos = [0.0] * len(lp.rank_experts), 0
+    for r, experts in enumerate(lp.rank_experts):
+        for e in experts:
+            loads[r] += fractions[pos] * counts[e]
+            pos += 1
+    return loads
+
+
+def test_balance_replicas_by_hand():
+    from moec.ir.parallel import balance_replicas, flatten_placement
+
+    lp = LayerPlan([[0, 1], [0, 2]])  # expert 0 on both ranks
+    flat = flatten_placement(lp.rank_experts)
+    assert balance_replicas([10, 6, 2], *flat, 3) == pytest.approx([0.3, 1.0, 0.7, 1.0])  # loads 9 and 9
+    assert balance_replicas([10, 30, 2], *flat, 3) == pytest.approx([0.0, 1.0, 1.0, 1.0])  # rank 0 full already
+    assert balance_replicas([0, 6, 2], *flat, 3) == [0.5, 1.0, 0.5, 1.0]  # no slots: the plan's (even) split
+    shared = flatten_placement(lp.rank_experts, [[0.2, 1.0], [0.8, 1.0]])
+    assert balance_replicas([0, 6, 2], *shared, 3) == [0.2, 1.0, 0.8, 1.0]  # ... or the plan's shares
+    assert balance_replicas([8, 0, 0], *shared, 3) == pytest.approx([0.5, 1.0, 0.5, 1.0])
+    # a chain of replicas: 1 is on ranks 0-1, 2 on ranks 1-2; all of rank 0's load must flow to rank 2
+    chain = LayerPlan([[0, 1], [1, 2], [2, 3]])
+    counts = [9.0, 3.0, 3.0, 0.0]
+    fractions = balance_replicas(counts, *flatten_placement(chain.rank_experts), 4)
+    assert _held_loads(chain, fractions, counts) == pytest.approx([9.0, 3.0, 3.0])  # 1 and 2 move off rank 0-1
+    counts = [3.0, 6.0, 6.0, 0.0]
+    fractions = balance_replicas(counts, *flatten_placement(chain.rank_experts), 4)
+    assert _held_loads(chain, fractions, counts) == pytest.approx([5.0, 5.0, 5.0])
+
+
+def test_balance_replicas_minimises_the_heaviest_rank():
+    """Against the exact min-max split (bisection on the cap with a max-flow, networkx) on random
+    placements with replicas and random, partly zero, counts."""
+    import random
+
+    import networkx as nx
+
+    from moec.ir.parallel import balance_replicas, flatten_placement
+
+    def min_max(lp, counts):
+        total = sum(counts)
+        lo, hi = total / len(lp.rank_experts), total
+        for _ in range(40):
+            cap = (lo + hi) / 2
+            g = nx.DiGraph()
+            for r, experts in enumerate(lp.rank_experts):
+                g.add_edge(("r", r), "t", capacity=cap)
+                for e in experts:
+                    g.add_edge("s", ("e", e), capacity=float(counts[e]))
+                    g.add_edge(("e", e), ("r", r))
+            lo, hi = (lo, cap) if nx.maximum_flow_value(g, "s", "t") >= total * (1 - 1e-12) else (cap, hi)
+        return hi
+
+    rng = random.Random(0)
+    for _ in range(40):
+        N = rng.randint(2, 6)
+        E = rng.randint(N, 3 * N)
+        S = -(-E // N) + rng.randint(0, 2)
+        ranks = [[] for _ in range(N)]
+        for e in rng.sample(range(E), E):
+            ranks[rng.choice([r for r in range(N) if len(ranks[r]) < S])].append(e)
+        for r in range(N):
+            ranks[r] += [e for e in rng.sample(range(E), E) if e not in ranks[r]][:S - len(ranks[r])]
+        lp = LayerPlan(ranks)
+        counts = [float(rng.choice([0, 1, 7, 50, 400])) for _ in range(E)]
+        if not sum(counts):
+            continue
+        fractions = balance_replicas(counts, *flatten_placement(ranks), E)
+        loads = _held_loads(lp, fractions, counts)
+        assert sum(loads) == pytest.approx(sum(counts))
+        assert max(loads) <= min_max(lp, counts) + 1e-3 * sum(counts) / N
+
+
+def test_adaptive_route_splits_by_the_balanced_shares():
+    from moec.ir.parallel import balance_replicas, flatten_placement
+
+    E, world, T, K = 6, 3, 300, 2
+    lp = LayerPlan([[0, 1, 5], [2, 3, 5, 1], [4, 5]])
+    flat = flatten_placement(lp.rank_experts)
+    g = torch.Generator().manual_seed(0)
+    popular = torch.tensor([8.0, 4, 1, 1, 1, 6])  # experts 0 and 5 (rank 0's) are hot
+    idx = [torch.stack([torch.multinomial(popular, K, generator=g) for _ in range(T)]) for _ in range(world)]
+    counts = sum(torch.bincount(i.reshape(-1), minlength=E) for i in idx)
+    fractions = balance_replicas(counts.tolist(), *flat, E)
+    taken = torch.zeros(world, dtype=torch.float64)
+    for rank in range(world):
+        order, local, sent = torch.ops.moec.ep_route_adaptive(idx[rank], counts, *flat, E, rank, 1)
+        same = torch.ops.moec.ep_route_placed(idx[rank], flat[0], flat[1], fractions, E, rank, 1)
+        assert all(torch.equal(a, b) for a, b in zip((order, local, sent), same))  # the balanced shares' route
+        taken += sent[:, 0]
+    want = torch.tensor(_held_loads(lp, fractions, counts.tolist()), dtype=torch.float64)
+    assert (taken - want).abs().max() <= 2 * world  # within a slot per replica and rank
+    even = _held_loads(lp, [1 / lp.copies(E)[e] for e in flat[0]], counts.tolist())
+    assert taken.max() < 0.9 * max(even)  # the plan's even split leaves rank 0 heavier
+    with pytest.raises(ValueError, match="one slot count per expert"):
+        torch.ops.moec.ep_route_adaptive(idx[0], counts[:-1], *flat, E, 0, 1)
 
 
 def test_placed_route_degenerate_inputs():
@@ -186,9 +288,13 @@ def _profiled_plan_worker(rank: int, world: int) -> float:
     trace = profiler.trace()
     plan = place(trace, world, world, -(-5 * trace.num_experts // (4 * world)))  # 25% replica slots
     assert plan.meta["layer_names"] == trace.meta["layer_names"]
+    assert plan.replica_balance == "adaptive"  # moec's plans run with per-step replica balancing
     compiled = moec.compile(model, expert_parallel=True, inner="aot_eager", placement=plan)
+    torch._dynamo.utils.counters["moec"].clear()
     with torch.no_grad():
         got = primary_output(compiled(*tuple(a[_rows(case, rank)] for a in full)))
+    replicated = sum(max(lp.copies(trace.num_experts)) > 1 for lp in plan.layers)
+    assert replicated and torch._dynamo.utils.counters["moec"]["expert_parallel_adaptive_layers"] == replicated
     return float((got - want).abs().max() / want.abs().max())
 
 

@@ -33,6 +33,11 @@ def test_json_round_trip(tmp_path):
     assert doc["world_size"] == 4 and doc["num_experts"] == 6 and doc["ranks_per_node"] == 2
     assert doc["layers"][0]["rank_experts"] == [[0, 1, 5], [2, 3], [4, 5], [1]]
     assert "shares" in doc["layers"][0] and "shares" not in doc["layers"][1]
+    assert "replica_balance" not in doc and loaded.replica_balance is None  # absent: static
+    plan.replica_balance = "adaptive"
+    path = plan.save(tmp_path / "adaptive.json")
+    assert json.loads(path.read_text())["replica_balance"] == "adaptive"
+    assert PlacementPlan.load(path) == plan
 
 
 def test_minimal_json_is_accepted(tmp_path):
@@ -132,6 +137,8 @@ def test_plan_errors(plan, args, needles):
     ('{"world_size": 2, "layers": [{"rank_experts": [[0], [7]]}], "num_experts": 4}', ["unknown expert 7"]),
     ('{"world_size": 2, "layers": {}}', ['"layers" must be a list']),
     ('{"world_size": 2, "layers": [], "meta": 3}', ['"meta" must be a JSON object']),
+    ('{"world_size": 2, "layers": [], "replica_balance": "dynamic"}',
+     ["replica_balance must be one of 'static', 'adaptive'", "got 'dynamic'"]),
 ])
 def test_plan_file_errors(tmp_path, text, needles):
     path = tmp_path / "plan.json"
