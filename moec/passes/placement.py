@@ -61,16 +61,20 @@ Pseudo-code::
     optional balance guard (``balance_guard``): rebuild with the affinity gains scaled by 0.5,
         0.25, 0 until the predicted next-window max/mean (``noisy_max_mean``) is within
         ``guard_margin`` of the balance-only plan's
-    with a previous plan: plan with keep bonuses inf, 1, 0.3, 0.1, the sweeps starting from the
-    previous plan's shares (and from scratch); return the
-    first whose predicted step time on the planning window is within keep_budget of the scratch
-    plan's
+    with a previous plan: candidates are the plans with keep bonuses inf, 1, 0.3, 0.1 (the sweeps
+    starting from the previous plan's shares) and the scratch plan with its ranks renamed to
+    keep the most weights in place (``_relabel``: nodes matched to nodes, then ranks to ranks
+    within them, by experts in common, networkx's max-weight matching; renaming ranks inside the
+    node structure changes no predicted time unless the trace has source ranks); return the one
+    that moves the fewest weights among those whose predicted step time on the planning window
+    is within keep_budget of the scratch plan's (the scratch plan if none is)
 
 Legend: N ranks, M ranks per node, E experts, L layers, S slots per rank, I pieces (items).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -78,7 +82,7 @@ from typing import Any, Optional
 import numpy as np
 
 from moec.passes.placement_baselines import BASELINES
-from moec.passes.placement_score import PlanScore, ScoreConfig, score_arrays, score_plan
+from moec.passes.placement_score import PlanScore, ScoreConfig, score_arrays, score_plan, weights_moved
 from moec.runtime.plan import LayerPlan, PlacementPlan, PlanError
 
 __all__ = ["DEFAULT_HISTORY", "PlacementOptions", "affinity_communities", "compare", "evaluate_windows",
@@ -683,13 +687,60 @@ def place_arrays(load_LE: np.ndarray, world_size: int, ranks_per_node: int, slot
     # Sweeps that keep weights start from the deployed plan (its chains already co-located), not
     # from a fresh packing of the communities, which may put the same chains on other ranks.
     start = [previous.share_matrix(l) for l in range(L)] if aff is not None and weight > 0 else None
+    candidates = [(scratch, 0)]
     for keep in opts.keep_weights:
         plan = build(previous, keep, start, weight)
         if time_of(plan) <= limit:
-            plan.meta.update(keep=("inf" if keep == INF else keep), previous=True)
-            return plan
-    scratch.meta.update(keep=0, previous=True)
-    return scratch
+            candidates.append((plan, "inf" if keep == INF else keep))
+            break  # the strongest keep bonus within the budget: weaker ones keep fewer weights
+    renamed = _relabel(scratch, previous, M)
+    if time_of(renamed) <= limit:
+        candidates.append((renamed, "renamed"))
+    best, keep = min(candidates, key=lambda c: (sum(weights_moved(c[0], previous)), time_of(c[0])))
+    best.meta.update(keep=keep, previous=True)
+    return best
+
+
+def _relabel(plan: PlacementPlan, previous: PlacementPlan, M: int) -> PlacementPlan:
+    """``plan`` with its ranks renamed to keep the most of ``previous``'s weights in place: nodes
+    matched to nodes by experts in common (summed over their ranks and the layers), then within
+    each matched pair of nodes ranks to ranks (max-weight full matchings, networkx)."""
+    import networkx as nx
+
+    N = plan.world_size
+    common = np.zeros((N, N))  # [previous rank, plan rank]
+    for old, new in zip(previous.layers, plan.layers):
+        for a, experts_a in enumerate(old.rank_experts):
+            held = set(experts_a)
+            for b, experts_b in enumerate(new.rank_experts):
+                common[a, b] += len(held.intersection(experts_b))
+
+    def match(weight: np.ndarray) -> dict[int, int]:
+        """Column -> row of a max-weight full matching of the square ``weight``."""
+        n = weight.shape[0]
+        graph = nx.Graph()
+        graph.add_weighted_edges_from((("row", i), ("col", j), float(weight[i, j]) + 1.0)
+                                      for i in range(n) for j in range(n))
+        pairs = nx.max_weight_matching(graph, maxcardinality=True)
+        return {b[1]: a[1] for a, b in (sorted(p, key=lambda v: v[0] != "row") for p in pairs)}
+
+    M = min(M, N)
+    nodes = N // M if N % M == 0 else 1
+    size = N // nodes
+    node_common = common.reshape(nodes, size, nodes, size).sum(axis=(1, 3))
+    to_old = {}
+    for new_node, old_node in match(node_common).items():
+        block = common[old_node * size:(old_node + 1) * size, new_node * size:(new_node + 1) * size]
+        for b, a in match(block).items():
+            to_old[new_node * size + b] = old_node * size + a
+    layers = []
+    for lp in plan.layers:
+        experts, shares = [None] * N, [None] * N
+        for b in range(N):
+            experts[to_old[b]] = list(lp.rank_experts[b])
+            shares[to_old[b]] = None if lp.shares is None else list(lp.shares[b])
+        layers.append(LayerPlan(experts, None if lp.shares is None else shares))
+    return dataclasses.replace(plan, layers=layers, meta=dict(plan.meta))
 
 
 def planning_arrays(trace, window: int, history: float = 0.0):
