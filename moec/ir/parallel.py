@@ -139,6 +139,7 @@ def _replica_layout(slots: tuple, slot_counts: tuple, num_experts: int):
     return table[..., 0], table[..., 1], table[..., 2], torch.tensor([len(r) for r in replicas])
 
 
+@functools.lru_cache(maxsize=256)
 def _replica_tables(slots: tuple, slot_counts: tuple, shares: tuple, num_experts: int):
     """Per expert, its replicas' ranks and local slots and their cumulative shares, [E, R] each
     (padding: rank -1 and cumulative share 2, above any sample in [0, 1); the last replica's
@@ -218,14 +219,17 @@ def _water_fill(amount: float, levels: list[float]) -> list[float]:
 
 def balance_replicas(counts: list[float], slots, slot_counts, shares, num_experts: int) -> list[float]:
     """Per entry of ``slots``, the fraction of its expert's ``counts`` the replica takes so that the
-    ranks' loads (``sum`` of their replicas' amounts) are as even as the placement allows: the split
-    minimising the sum of squared rank loads, which also minimises the largest (the loads a split
-    can give form a polymatroid's base polytope, where one point minimises every separable convex
-    function; Fujishige). Experts held once keep their whole count on their rank; each replicated
-    expert in turn (largest count first, then id) is water-filled over its replicas' ranks given
-    the others (exact block minimisation, which converges), for ``BALANCE_SWEEPS`` sweeps or until a
-    sweep moves less than 1e-9 of the total. An expert with no slots keeps the plan's ``shares``
-    (or the even split). Deterministic: the same counts give the same fractions on every rank."""
+    ranks' loads (``sum`` of their replicas' amounts) are as even as the placement allows. The
+    target is the split minimising the sum of squared rank loads, which also minimises the largest
+    (the loads a split can give form the base polytope of a submodular function, where one point
+    minimises every separable convex function; Fujishige). Experts held once keep their whole count
+    on their rank; each replicated expert in turn (largest count first, then id) is water-filled over
+    its replicas' ranks given the others (exact block minimisation, which converges to it), for
+    ``BALANCE_SWEEPS`` sweeps or until a sweep moves less than 1e-9 of the total: the heaviest rank
+    ends within 1e-3 of the mean load of the exact min-max split in the tests. An expert with no
+    slots keeps the plan's ``shares`` (or the even split). Deterministic: the same counts give the
+    same fractions on every rank. Host cost: about 2 ms per layer and step in Python at 256 experts,
+    32 ranks and 39-50 replicated experts (2-core EPYC VM; the route itself then takes 4.4 ms, 2.1 static)."""
     world = len(slot_counts)
     held: list[list[tuple[int, int]]] = [[] for _ in range(num_experts)]
     for pos, rank, _, e in _held(slots, slot_counts):
