@@ -61,12 +61,13 @@ def run_case(trace: RoutingTrace, N: int, M: int, S: int, history: float) -> dic
     config = ScoreConfig.from_trace(trace)
     rows = evaluate_windows(trace, N, M, S, config=config, history=history)
     seconds = time.perf_counter() - t0
-    # EPLB's plans run with moec's adaptive replica balancing too (not a baseline: how much of moec's
-    # balance is the runtime's), scored on the same windows
+    # moec's plan forced to each replica balancing, and EPLB's plans run with moec's adaptive one
+    # (not baselines: how much of the balance is the runtime's), scored on the same windows
     for r in rows:
-        for e in EPLB:
-            plan = dataclasses.replace(r["plans"][e], replica_balance="adaptive")
-            r["scores"][f"{e}+adaptive"] = score_plan(plan, trace, r["scored_on"], ranks_per_node=M, config=config)
+        for name, mode in (("moec", "static"), ("moec", "adaptive"), *((e, "adaptive") for e in EPLB)):
+            plan = dataclasses.replace(r["plans"][name], replica_balance=mode)
+            r["scores"][f"{name}+{mode}"] = score_plan(plan, trace, r["scored_on"], ranks_per_node=M, config=config,
+                                                       previous=r.get("previous"))
     methods = list(rows[-1]["scores"])
     summary = {}
     for name in methods:
@@ -84,14 +85,30 @@ def run_case(trace: RoutingTrace, N: int, M: int, S: int, history: float) -> dic
             moved_bytes=_mean([s.moved_bytes for s in later]) if later else None,
         )
     aff = trace.affinity_WLEE
-    floors = [traffic_floor(None if aff is None else aff[r["scored_on"]], N, M, S, max_mean=FLOOR_MAX_MEAN)
-              for r in rows]
+    floors = [traffic_floor(None if aff is None else aff[r["scored_on"]], N, M, S, max_mean=FLOOR_MAX_MEAN,
+                            load_LE=trace.load_WLE[r["scored_on"]], top_k=trace.top_k) for r in rows]
     windows = [dict(window=r["window"], scored_on=r["scored_on"],
-                    methods={k: s.totals() for k, s in r["scores"].items()},
-                    traffic_floor=f, moec_meta=r["plans"]["moec"].meta) for r, f in zip(rows, floors)]
+                    methods={k: s.totals() for k, s in r["scores"].items()}, traffic_floor=f,
+                    moec_meta=dict(r["plans"]["moec"].meta, replica_balance=r["plans"]["moec"].replica_balance))
+               for r, f in zip(rows, floors)]
     floor = {k: _mean([f[k] for f in floors]) for k in ("cross_rank", "cross_node")}
     return dict(world_size=N, ranks_per_node=M, slots_per_rank=S, seconds=seconds, summary=summary,
                 traffic_floor=dict(floor, max_mean=FLOOR_MAX_MEAN), windows=windows)
+
+
+def _balance_checks(case: dict, name: str) -> dict:
+    """max/mean and step-time checks of method ``name`` against EPLB and every baseline."""
+    s, windows = case["summary"], case["windows"]
+    return dict(
+        max_mean_load=s[name]["max_mean_load"],
+        max_mean_le_1_05=s[name]["max_mean_load_worst"] <= 1.05,
+        max_mean_not_worse_than_eplb_windows=sum(
+            r["methods"][name]["max_mean_load"] <= min(r["methods"][e]["max_mean_load"] for e in EPLB) + 1e-12
+            for r in windows),
+        step_time_better_windows=sum(
+            r["methods"][name]["time_s"] < min(r["methods"][b]["time_s"] for b in BASELINES) for r in windows),
+        windows=len(windows),
+    )
 
 
 def acceptance(case: dict, has_affinity: bool) -> dict:
@@ -101,6 +118,7 @@ def acceptance(case: dict, has_affinity: bool) -> dict:
     per_window = [(r["methods"]["moec"]["max_mean_load"], min(r["methods"][e]["max_mean_load"] for e in EPLB))
                   for r in case["windows"]]
     out = dict(
+        modes={name: _balance_checks(case, name) for name in ("moec", "moec+static", "moec+adaptive")},
         max_mean_load=m["max_mean_load"],
         max_mean_le_1_05=m["max_mean_load_worst"] <= 1.05,
         max_mean_vs_best_eplb=m["max_mean_load"] - eplb_best,
@@ -187,6 +205,10 @@ def main(argv=None) -> int:
         if "moved_ratio_vs_scratch" in a:
             parts.append(f"moved {a['moved_ratio_vs_scratch']:.3f}x scratch at {100 * a['step_time_cost_vs_scratch']:+.2f}% step time")
         print(f"  {c['preset']} N={c['world_size']} S={c['slots_per_rank']}: " + "; ".join(parts))
+        for name, m in a["modes"].items():
+            print(f"      {name}: max/mean {m['max_mean_load']:.4f} (<=1.05 every window: {m['max_mean_le_1_05']}), "
+                  f"not worse than EPLB in {m['max_mean_not_worse_than_eplb_windows']}/{m['windows']} windows, "
+                  f"faster than every baseline in {m['step_time_better_windows']}/{m['windows']}")
 
     path = os.path.join(RESULTS_DIR, f"{opts.out}.json")
     doc = dict(benchmark="placement", kind="simulated (cost model; nothing run on a device)",

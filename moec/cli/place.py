@@ -10,8 +10,9 @@ window i+1; the output says which. Scores: per layer and in
 total, max/mean rank load, cross-rank and cross-node pair fractions, all-to-all bytes, simulated
 step time (cost model; ``Calibration.default()``, assumed H100-class constants, unless
 ``--calibration``), weights moved from ``--previous``; moec's plan is scored with the
-``--replica-balance`` it is written with (default adaptive: the runtime re-balances replicas per
-step, ``moec.compile``'s ``replica_balance``), the baselines with their own shares; and the traffic floor of the scored window
+``--replica-balance`` it is written with (adaptive: the runtime re-balances replicas per step,
+``moec.compile``'s ``replica_balance``; static; default auto, the one predicted faster on the
+planning windows), the baselines with their own shares; and the traffic floor of the scored window
 (``traffic_floor``: no plan with S slots per rank and max/mean <= 1.05 crosses ranks or nodes
 less). It writes moec's plan as JSON (format in
 ``moec.runtime.plan``) to ``--out`` (default ``moec-plan-<trace>.json`` in the current directory)
@@ -63,10 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="T",
                    help="tokens per rank per step the scores are scaled to (default: %(default)s)")
     p.add_argument("--calibration", metavar="FILE", help="a calibration JSON (default: the assumed H100-class constants)")
-    p.add_argument("--replica-balance", choices=("adaptive", "static"), default="adaptive",
+    p.add_argument("--replica-balance", choices=("auto", "adaptive", "static"), default="auto",
                    help="how moec's plan splits a replicated expert's tokens at run time, written into the plan and "
-                        "scored so: adaptive (shares re-balanced on every step's routing) or static (the plan's "
-                        "shares) (default: %(default)s)")
+                        "scored so: adaptive (shares re-balanced on every step's routing, at an all-reduce and host "
+                        "time per layer), static (the plan's shares), auto (the one of lower predicted step time on "
+                        "the planning windows) (default: %(default)s)")
     p.add_argument("--plot", metavar="FILE.png", help="also write a load heat map (ranks x layers per method)")
     p.add_argument("--json", action="store_true", help="print one JSON document (and nothing else) on stdout")
     # `moec` fills a missing model spec for the commands that take one; this one takes a trace.
@@ -128,12 +130,12 @@ def place_main(opts) -> int:
                 raise PlaceError(f"--previous {opts.previous} is for {previous.world_size} ranks, not --world-size {N}")
             previous.validate(num_experts=E, num_layers=L)
         results = compare(trace, N, M, S, window=window, previous=previous, config=config, history=history,
-                          options=PlacementOptions(replica_balance=getattr(opts, "replica_balance", "adaptive")))
+                          options=PlacementOptions(replica_balance=getattr(opts, "replica_balance", "auto")))
     except PlanError as e:
         raise PlaceError(str(e)) from None
     scored_on = scoring_window(trace, window)
     floor = traffic_floor(trace.affinity_WLEE[scored_on] if trace.affinity_WLEE is not None else None, N, M, S,
-                          max_mean=FLOOR_MAX_MEAN)
+                          max_mean=FLOOR_MAX_MEAN, load_LE=trace.load_WLE[scored_on], top_k=trace.top_k)
     plan = results["moec"][0]
     plan.meta.update(trace=opts.trace, window=window, scored_on=scored_on, ranks_per_node=M, slots_per_rank=S)
     out = Path(opts.out or _default_out(opts.trace))

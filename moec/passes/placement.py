@@ -15,10 +15,14 @@ plan is a pure function of its inputs (no randomness). This pass plans; it chang
 Preconditions: N*S >= E (every expert needs a slot); N a multiple of M when N > M; the previous
 plan, if any, for the same N, E and layers.
 
-The plans say ``replica_balance="adaptive"`` (``PlacementOptions.replica_balance``): the runtime
-re-balances the replicas' shares on every step's routing (``moec::ep_route_adaptive``), and the
-scorer scores them so (``placement_score.routed_shares``); the shares in the plan are the
-planning window's balanced split, the starting point.
+Each plan says how its replicas are split at run time (``PlacementPlan.replica_balance``):
+"adaptive" re-balances the replicas' shares on every step's routing (``moec::ep_route_adaptive``;
+an all-reduce and host time per layer), "static" keeps the plan's shares. With
+``PlacementOptions.replica_balance="auto"`` (default) the plan gets the one of lower predicted
+step time on the windows it was made from, each scored on its own (the moving average's windows,
+with its weights), or, given a previous (deployed) plan, that plan scored on the newest window,
+which it was not made from: adaptive when the load moves by more than its cost. The scorer scores
+a plan as it runs (``placement_score.routed_shares``).
 
 Objectives, in order: (1) the slowest rank's load: max/mean, driven to ~1.000 on the planning
 window with replicas and per-replica ``shares`` (a flow, so replicas need not split evenly as in
@@ -61,8 +65,9 @@ Pseudo-code::
     optional balance guard (``balance_guard``): rebuild with the affinity gains scaled by 0.5,
         0.25, 0 until the predicted next-window max/mean (``noisy_max_mean``) is within
         ``guard_margin`` of the balance-only plan's
-    with a previous plan: candidates are the plans with keep bonuses inf, 1, 0.3, 0.1 (the sweeps
-    starting from the previous plan's shares) and the scratch plan with its ranks renamed to
+    with a previous plan: candidates are the plan with the strongest keep bonus of inf, 1, 0.3,
+    0.1 that fits the budget (the sweeps starting from the previous plan's shares), the scratch
+    plan, and the scratch plan with its ranks renamed to
     keep the most weights in place (``_relabel``: nodes matched to nodes, then ranks to ranks
     within them, by experts in common, networkx's max-weight matching; renaming ranks inside the
     node structure changes no predicted time unless the trace has source ranks); return the one
@@ -111,8 +116,10 @@ class PlacementOptions:
     guard_margin: float = 0.0           # allowed rise of the predicted next-window max/mean
     # How the plan is meant to run (PlacementPlan.replica_balance): "adaptive" re-balances the
     # replicas' shares on every step's routing, so a shift of load between windows is absorbed
-    # wherever the shifted experts, or others on the same ranks, have replicas; "static" keeps the shares.
-    replica_balance: str = "adaptive"
+    # wherever the shifted experts, or others on the same ranks, have replicas, at the cost of an
+    # all-reduce and host time per layer and step; "static" keeps the shares; "auto" picks the one
+    # of lower predicted step time on the windows the plan is made from, scored one by one.
+    replica_balance: str = "auto"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,9 +630,14 @@ def _plan_layers(load_LE, aff_LEE, src_LRE, N, M, S, top_k, prev: Optional[Place
 def place_arrays(load_LE: np.ndarray, world_size: int, ranks_per_node: int, slots_per_rank: int, *,
                  affinity_LEE: Optional[np.ndarray] = None, source_LRE: Optional[np.ndarray] = None,
                  top_k: int = 1, previous: Optional[PlacementPlan] = None,
-                 options: Optional[PlacementOptions] = None, config: Optional[ScoreConfig] = None) -> PlacementPlan:
-    """``place`` on one window's arrays (``load_LE`` [L, E], ``affinity_LEE`` [L-1, E, E])."""
+                 options: Optional[PlacementOptions] = None, config: Optional[ScoreConfig] = None,
+                 history: Optional[list] = None) -> PlacementPlan:
+    """``place`` on one window's arrays (``load_LE`` [L, E], ``affinity_LEE`` [L-1, E, E]).
+    ``history``: the windows the planning input averages, ``[(weight, load_LE, affinity_LEE or
+    None), ...]``, which ``replica_balance="auto"`` scores the plan on (default: the input alone)."""
     opts = options or PlacementOptions()
+    if opts.replica_balance not in ("auto", "static", "adaptive"):
+        raise PlanError(f"replica_balance must be 'auto', 'static' or 'adaptive', got {opts.replica_balance!r}")
     config = config or ScoreConfig()
     load_LE = np.asarray(load_LE, dtype=np.float64)
     if load_LE.ndim != 2:
@@ -649,10 +661,12 @@ def place_arrays(load_LE: np.ndarray, world_size: int, ranks_per_node: int, slot
     calib = config.calibration
     beta_i, beta_e = calib.beta_s_per_byte["intra"], calib.beta_s_per_byte["inter"]
 
+    mode = "static" if opts.replica_balance == "auto" else opts.replica_balance  # decided below for "auto"
+
     def build(prev, keep, seed, weight=1.0) -> PlacementPlan:
         layers = _plan_layers(load_LE, aff, src, N, M, S, top_k, prev, keep, opts, beta_i, beta_e, seed, weight)
         plan = PlacementPlan(world_size=N, layers=layers, num_experts=E, ranks_per_node=ranks_per_node,
-                             meta={"method": "moec"}, replica_balance=opts.replica_balance)
+                             meta={"method": "moec"}, replica_balance=mode)
         return plan.validate(num_experts=E, num_layers=L, slots_per_rank=S)
 
     def time_of(plan):
@@ -680,6 +694,24 @@ def place_arrays(load_LE: np.ndarray, world_size: int, ranks_per_node: int, slot
             if weight == 0.0 or noisy_max_mean(scratch, load_LE, aff, top_k) <= bound:
                 break
         scratch.meta["affinity_weight"] = weight
+    if opts.replica_balance == "auto":
+        # Adaptive balancing pays an all-reduce and host time every step, and gains where the load
+        # moved since the plan was made. Out-of-sample evidence when there is a deployed plan: that
+        # plan (made before the newest window) scored on the newest window both ways; else the
+        # windows the new plan was made from, scored one by one (in sample: it rarely pays there).
+        if previous is not None and history:
+            judged, windows = previous, [history[-1]]
+        else:
+            judged, windows = scratch, history or [(1.0, load_LE, aff)]
+        times = {}
+        for candidate in ("static", "adaptive"):
+            trial = dataclasses.replace(judged, replica_balance=candidate)
+            times[candidate] = sum(w * score_arrays(trial, l_LE, a_LEE, None, top_k=top_k, ranks_per_node=M,
+                                                    config=config).time_s for w, l_LE, a_LEE in windows)
+        mode = "adaptive" if times["adaptive"] < times["static"] else "static"
+        scratch.replica_balance = mode
+        scratch.meta["replica_balance_scores"] = {k: v / sum(w for w, _, _ in windows) for k, v in times.items()}
+        scratch.meta["replica_balance_judged_on"] = "previous plan, newest window" if judged is previous else "planning windows"
     if previous is None:
         return scratch
 
@@ -697,14 +729,16 @@ def place_arrays(load_LE: np.ndarray, world_size: int, ranks_per_node: int, slot
     if time_of(renamed) <= limit:
         candidates.append((renamed, "renamed"))
     best, keep = min(candidates, key=lambda c: (sum(weights_moved(c[0], previous)), time_of(c[0])))
+    best.meta.update({k: v for k, v in scratch.meta.items() if k.startswith("replica_balance")})
     best.meta.update(keep=keep, previous=True)
     return best
 
 
 def _relabel(plan: PlacementPlan, previous: PlacementPlan, M: int) -> PlacementPlan:
-    """``plan`` with its ranks renamed to keep the most of ``previous``'s weights in place: nodes
-    matched to nodes by experts in common (summed over their ranks and the layers), then within
-    each matched pair of nodes ranks to ranks (max-weight full matchings, networkx)."""
+    """``plan`` with its ranks renamed to keep the most of ``previous``'s weights in place among the
+    renamings that keep node mates together: for every pair of nodes, the best matching of their
+    ranks by experts in common (summed over the layers); then nodes matched to nodes by those
+    values (max-weight full matchings, networkx)."""
     import networkx as nx
 
     N = plan.world_size
@@ -727,11 +761,15 @@ def _relabel(plan: PlacementPlan, previous: PlacementPlan, M: int) -> PlacementP
     M = min(M, N)
     nodes = N // M if N % M == 0 else 1
     size = N // nodes
-    node_common = common.reshape(nodes, size, nodes, size).sum(axis=(1, 3))
+    inner, node_value = {}, np.zeros((nodes, nodes))
+    for old_node in range(nodes):
+        for new_node in range(nodes):
+            block = common[old_node * size:(old_node + 1) * size, new_node * size:(new_node + 1) * size]
+            inner[old_node, new_node] = pairs = match(block)
+            node_value[old_node, new_node] = sum(block[a, b] for b, a in pairs.items())
     to_old = {}
-    for new_node, old_node in match(node_common).items():
-        block = common[old_node * size:(old_node + 1) * size, new_node * size:(new_node + 1) * size]
-        for b, a in match(block).items():
+    for new_node, old_node in match(node_value).items():
+        for b, a in inner[old_node, new_node].items():
             to_old[new_node * size + b] = old_node * size + a
     layers = []
     for lp in plan.layers:
@@ -770,9 +808,13 @@ def place(trace, world_size: int, ranks_per_node: int, slots_per_rank: int, *, w
     planned on the moving average of windows <= ``window`` (``planning_arrays``)."""
     load_LE, aff_LEE, src_LRE = planning_arrays(trace, window, history)
     w = window % trace.num_windows
+    aff = trace.affinity_WLEE
+    windows = [(history ** (w - j) if history else float(j == w), trace.load_WLE[j].astype(np.float64),
+                None if aff is None else aff[j].astype(np.float64)) for j in range(w + 1)]
     plan = place_arrays(load_LE, world_size, ranks_per_node, slots_per_rank, affinity_LEE=aff_LEE,
                         source_LRE=src_LRE, top_k=(trace.meta or {}).get("top_k") or 1, previous=previous,
-                        options=options, config=config or ScoreConfig.from_trace(trace))
+                        options=options, config=config or ScoreConfig.from_trace(trace),
+                        history=[x for x in windows if x[0] > 0])
     # The trace's layer names travel with the plan: moec.compile refuses it for another model's layers.
     trace_meta = trace.meta or {}
     plan.meta.update(window=w, trace=trace_meta.get("source"), layer_names=trace_meta.get("layer_names"))

@@ -14,8 +14,9 @@ Nothing is run: every time is a prediction from the formulas below, with ``Calib
 Definitions (layer l, N ranks, nodes of M ranks, ``share_NE[r, e]`` the fraction of expert e's
 tokens rank r takes under the plan, ``load_E`` the window's slots per expert; with the plan's
 ``replica_balance`` "adaptive", ``share_NE`` is what the runtime's per-step balancing gives on the
-window's counts, ``routed_shares``, and each layer with replicas pays one more exchange latency
-and 16 E bytes for the all-reduce of the counts)
+window's counts, ``routed_shares``, and each layer with replicas pays the all-reduce of the counts,
+two exchange latencies and 16 E bytes, and the host's balancing, ``HOST_S_FIXED`` + water-fills x
+``HOST_S_PER_FILL``, measured on a CPU VM)
 -----------------------------------------------------------------------------------------------
 * Rank load ``load_N = share_NE @ load_E``; balance is ``max(load_N) / mean(load_N)``.
 * Traffic follows the tokens from layer to layer (ExFlow's model, generalised to top-k): a token's
@@ -75,6 +76,7 @@ element, g 2 gated / 1 not.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -88,6 +90,11 @@ __all__ = ["LayerScore", "PlanScore", "ScoreConfig", "dispatch_matrix", "pair_fl
            "score_arrays", "score_window_inputs", "traffic_floor", "weights_moved"]
 
 ID_BYTES = 8  # the local expert id ep_moe sends with each row
+# Host time of moec::ep_route_adaptive's balancing, measured on the 2-core EPYC VM (Python 3.11):
+# about 2.2 us per water-fill (balance_replicas, setup included) and 0.1 ms to read the counts and
+# build the routing tables; charged to adaptive layers, since the exchange waits for them.
+HOST_S_PER_FILL = 2.2e-6
+HOST_S_FIXED = 1e-4
 
 
 @dataclass(frozen=True)
@@ -242,28 +249,36 @@ def dispatch_matrix(share_prev_NE: Optional[np.ndarray], affinity_EE: Optional[n
     return origin_NE @ share_NE.T
 
 
-def _local_bound(affinity_EE: np.ndarray, bins: int, slots: int, max_mean: float) -> float:
+def _local_bound(affinity_EE: np.ndarray, bins: int, slots: int, max_mean: float, rho: float = 1.0) -> float:
     """Most pairs of one transition that can share a bin (rank or node) under any placement with
     ``slots`` experts of each layer per bin and bin loads <= ``max_mean`` x the mean (module
-    docstring, "Traffic floor")."""
+    docstring, "Traffic floor"); ``rho`` >= max_b colsum(A)_b / (k load_b) where the pairs do not
+    count exactly k per slot of layer l+1."""
     A = np.asarray(affinity_EE, dtype=np.float64)
     P = float(A.sum())
-    if bins <= 1:
+    if bins <= 1 or not math.isfinite(rho):
         return P
     excess_EE = np.maximum(A - np.outer(A.sum(1), A.sum(0)) / P, 0.0)
     k = min(slots, A.shape[0])
     by_row = float(-np.sort(-excess_EE, axis=1)[:, :k].sum())
     by_col = float(-np.sort(-excess_EE, axis=0)[:k].sum())
-    return min(P, max_mean * P / bins + min(by_row, by_col))
+    return min(P, rho * max_mean * P / bins + min(by_row, by_col))
 
 
 def traffic_floor(affinity_LEE: Optional[np.ndarray], world_size: int, ranks_per_node: int, slots_per_rank: int,
-                  max_mean: float = 1.05) -> dict[str, Optional[float]]:
+                  max_mean: float = 1.05, load_LE: Optional[np.ndarray] = None,
+                  top_k: Optional[int] = None) -> dict[str, Optional[float]]:
     """``{"cross_rank", "cross_node"}``: the lowest pair-weighted cross-rank and cross-node fractions
     any plan with ``slots_per_rank`` slots and max/mean load <= ``max_mean`` can reach on these
-    affinity counts [L-1, E, E] (None without pairs; module docstring, "Traffic floor")."""
+    affinity counts [L-1, E, E] (None without pairs; module docstring, "Traffic floor"). The
+    bound takes the pairs reaching an expert of layer l+1 to be k per slot, as the profiler and
+    the synthetic traces count them; given the window's ``load_LE`` and ``top_k`` it checks that
+    and, where pairs are missing or extra (dropped slots, partial records), widens the bound by
+    ``rho = max_b colsum(A)_b / (k load_b)`` (no bound where a slot-less expert has pairs)."""
     if max_mean < 1:
         raise ValueError(f"moec: max_mean is a max/mean load, at least 1; got {max_mean}")
+    if world_size > ranks_per_node and world_size % ranks_per_node:
+        raise ValueError(f"moec: {world_size} ranks do not fill nodes of {ranks_per_node}")
     if affinity_LEE is None:
         return dict(cross_rank=None, cross_node=None)
     A_LEE = np.asarray(affinity_LEE, dtype=np.float64)
@@ -272,9 +287,18 @@ def traffic_floor(affinity_LEE: Optional[np.ndarray], world_size: int, ranks_per
     total = float(A_LEE.sum())
     if total <= 0:
         return dict(cross_rank=None, cross_node=None)
+    rho_L = [1.0] * len(A_LEE)
+    if load_LE is not None and top_k:
+        for l, A_EE in enumerate(A_LEE):
+            col_E, want_E = A_EE.sum(0), top_k * np.asarray(load_LE[l + 1], dtype=np.float64)
+            if np.any((col_E > 0) & (want_E <= 0)):
+                rho_L[l] = math.inf
+            elif np.any(want_E > 0):
+                scale = col_E[want_E > 0] / want_E[want_E > 0]
+                rho_L[l] = float(scale.max() / (col_E.sum() / want_E.sum()))
     out = {}
     for name, bins, slots in (("cross_rank", N, S), ("cross_node", N // M, M * S)):
-        local = sum(_local_bound(A_EE, bins, slots, max_mean) for A_EE in A_LEE if A_EE.sum() > 0)
+        local = sum(_local_bound(A_EE, bins, slots, max_mean, rho) for A_EE, rho in zip(A_LEE, rho_L) if A_EE.sum() > 0)
         out[name] = max(0.0, 1.0 - local / total)
     return out
 
@@ -284,17 +308,24 @@ def traffic_floor(affinity_LEE: Optional[np.ndarray], world_size: int, ranks_per
 # ----------------------------------------------------------------------------------------------
 
 
-def routed_shares(plan: PlacementPlan, load_LE: np.ndarray) -> list[np.ndarray]:
+def routed_shares(plan: PlacementPlan, load_LE: np.ndarray, fills: Optional[list[int]] = None) -> list[np.ndarray]:
     """Per layer, ``share_NE`` as the runtime routes the window: the plan's shares, or with
     ``replica_balance == "adaptive"`` the shares ``moec.ir.parallel.balance_replicas`` computes
-    from the window's slots per expert (the runtime does it per step, on the step's counts)."""
+    from the window's slots per expert (the runtime does it per step, on the step's counts).
+    ``fills``, if given, gets each layer's number of water-fills (0 for static plans)."""
     if plan.replica_balance != "adaptive":
+        if fills is not None:
+            fills.extend([0] * plan.num_layers)
         return [plan.share_matrix(l) for l in range(plan.num_layers)]
     E = load_LE.shape[1]
     out = []
     for l, lp in enumerate(plan.layers):
         slots, slot_counts, shares = flatten_placement(lp.rank_experts, lp.shares)
-        fractions = balance_replicas(np.asarray(load_LE[l], dtype=np.float64).tolist(), slots, slot_counts, shares, E)
+        stats: dict = {}
+        fractions = balance_replicas(np.asarray(load_LE[l], dtype=np.float64).tolist(), slots, slot_counts, shares, E,
+                                     stats=stats)
+        if fills is not None:
+            fills.append(stats.get("water_fills", 0))
         share_NE = np.zeros((plan.world_size, E))
         for pos, rank, _, e in _held(slots, slot_counts):
             share_NE[rank, e] = fractions[pos]
@@ -362,7 +393,8 @@ def score_arrays(plan: PlacementPlan, load_LE: np.ndarray, aff_LEE: Optional[np.
     t_count = alphas + count_bytes * ((M - 1) / N * beta_i + (N - M) / N * beta_e) if N > 1 else 0.0
     moved = weights_moved(plan, previous)
 
-    shares = routed_shares(plan, load_LE)
+    fills_L: list[int] = []
+    shares = routed_shares(plan, load_LE, fills_L)
     adaptive = plan.replica_balance == "adaptive"
     layers: list[LayerScore] = []
     src_cross = []
@@ -400,8 +432,10 @@ def score_arrays(plan: PlacementPlan, load_LE: np.ndarray, aff_LEE: Optional[np.
             return float(np.maximum(t_sent, t_recv).max())
         a2a_s = (t_count + 2 * alphas + busiest(row + ID_BYTES) + alphas + busiest(row)) if N > 1 else 0.0
         if adaptive and N > 1 and any(c > 1 for c in plan.layers[l].copies(E)):
-            # the step's all-reduce of E slot counts before routing (moec::ep_route_adaptive)
-            a2a_s += alphas + 2 * 8 * E * ((M - 1) / N * beta_i + (N - M) / N * beta_e)
+            # the step's all-reduce of E slot counts before routing (a ring: 2(N-1) steps), and the
+            # host's balancing, which the exchange waits for (moec::ep_route_adaptive)
+            a2a_s += (2 * alphas + 2 * 8 * E * ((M - 1) / N * beta_i + (N - M) / N * beta_e)
+                      + HOST_S_FIXED + fills_L[l] * HOST_S_PER_FILL)
         bytes_i = float(sent_i.sum()) * (2 * row + ID_BYTES)
         bytes_e = float(sent_e.sum()) * (2 * row + ID_BYTES)
 

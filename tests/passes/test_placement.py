@@ -16,8 +16,8 @@ from moec.passes.placement import (PlacementOptions, affinity_communities, compa
                                    noisy_max_mean, place, place_arrays, planning_arrays, scoring_window)
 from moec.passes.placement_baselines import (balanced_packing, contiguous, default_num_groups, eplb,
                                              eplb_global, eplb_hierarchical, replicate, round_robin)
-from moec.passes.placement_score import (ScoreConfig, dispatch_matrix, pair_flow, score_arrays, score_plan,
-                                         score_window_inputs, traffic_floor, weights_moved)
+from moec.passes.placement_score import (ScoreConfig, dispatch_matrix, pair_flow, routed_shares, score_arrays,
+                                         score_plan, score_window_inputs, traffic_floor, weights_moved)
 from moec.runtime.cost_model import Calibration, LayerShape, predict
 from moec.runtime.plan import LayerPlan, PlacementPlan, PlanError
 from moec.runtime.synthetic import synthetic_trace
@@ -90,6 +90,18 @@ def test_traffic_floor_by_hand():
     # and contiguous reaches it at b = 1
     flat_EE = np.full((4, 4), 2.5)
     assert traffic_floor(flat_EE[None], 4, 2, 1, max_mean=1.0)["cross_rank"] == pytest.approx(0.75)
+    flat_load = np.full((2, 4), 5.0)  # top-2: 10 pairs reach each expert, 2 per slot
+    assert score_arrays(PlacementPlan.contiguous(4, 4, 2), flat_load, flat_EE[None], None, top_k=2,
+                        ranks_per_node=2).cross_rank == pytest.approx(0.75)  # contiguous reaches it
+    # pairs not counted k per slot (half of expert 0's missing): the bound widens by rho = 1.0 / 0.875
+    partial_EE = flat_EE.copy()
+    partial_EE[:, 0] /= 2
+    wide = traffic_floor(partial_EE[None], 4, 2, 1, max_mean=1.0, load_LE=flat_load, top_k=2)["cross_rank"]
+    assert wide == pytest.approx(1 - (1 / 0.875) * 1.0 / 4 - np.maximum(partial_EE - np.outer(partial_EE.sum(1), partial_EE.sum(0)) / partial_EE.sum(), 0).max(1).sum() / partial_EE.sum())
+    assert traffic_floor(partial_EE[None], 4, 2, 1, load_LE=np.array([[5.0] * 4, [0.0, 5, 5, 5]]), top_k=2) == {
+        "cross_rank": 0.0, "cross_node": 0.0}  # pairs reach an expert without slots: no bound
+    with pytest.raises(ValueError, match="do not fill nodes"):
+        traffic_floor(flat_EE[None], 6, 4, 1)
     assert traffic_floor(flat_EE[None], 4, 2, 1)["cross_rank"] == pytest.approx(1 - 1.05 / 4)
     assert traffic_floor(flat_EE[None], 4, 4, 1)["cross_node"] == 0.0  # one node
     assert traffic_floor(flat_EE[None], 1, 1, 4) == {"cross_rank": 0.0, "cross_node": 0.0}
@@ -135,9 +147,10 @@ def test_traffic_floor_bounds_every_plan(kind):
         plans.append(place_arrays(load_LE, N, M, S, affinity_LEE=aff_LEE, top_k=2))
         for plan in plans:
             score = score_arrays(plan, load_LE, aff_LEE, None, top_k=2, ranks_per_node=M)
-            # the plan's balance as the floor counts it: pairs reaching each rank over the mean
-            b = max(float((plan.share_matrix(l + 1) @ aff_LEE[l].sum(0)).max() * N / aff_LEE[l].sum())
-                    for l in range(2))
+            # the plan's balance as the floor counts it (pairs reaching each rank over the mean), with
+            # the shares it runs with (routed_shares: an adaptive plan's are balanced on the window)
+            routed = routed_shares(plan, load_LE)
+            b = max(float((routed[l + 1] @ aff_LEE[l].sum(0)).max() * N / aff_LEE[l].sum()) for l in range(2))
             floor = traffic_floor(aff_LEE, N, M, S, max_mean=b)
             assert score.cross_rank >= floor["cross_rank"] - 1e-12
             assert score.cross_node >= floor["cross_node"] - 1e-12
@@ -149,7 +162,7 @@ def test_adaptive_replica_balance_is_scored_on_the_window():
     that has replicas."""
     import dataclasses
 
-    from moec.passes.placement_score import routed_shares
+    from moec.passes.placement_score import HOST_S_FIXED, HOST_S_PER_FILL, routed_shares
 
     load_LE = np.array([[10.0, 6.0, 2.0]])
     static = PlacementPlan(2, [LayerPlan([[0, 1], [0, 2]])], num_experts=3)  # expert 0 on both ranks, even
@@ -160,9 +173,11 @@ def test_adaptive_replica_balance_is_scored_on_the_window():
     s_adaptive = score_arrays(adaptive, load_LE, None, None, ranks_per_node=1, config=config)
     assert s_static.max_mean_load == pytest.approx(11 / 9) and s_adaptive.max_mean_load == pytest.approx(1.0)
     # where the plan's split is already balanced, adaptive costs exactly the all-reduce of 3 counts
+    # (a ring of 2 ranks: 2 latencies) and the host's balancing (one sweep of one water-fill)
     even = np.array([[4.0, 3.0, 3.0]])
     calib = config.calibration
-    all_reduce = calib.alpha_s["inter"] + 2 * 8 * 3 * 0.5 * calib.beta_s_per_byte["inter"]
+    all_reduce = (2 * calib.alpha_s["inter"] + 2 * 8 * 3 * 0.5 * calib.beta_s_per_byte["inter"]
+                  + HOST_S_FIXED + 1 * HOST_S_PER_FILL)
     assert (score_arrays(adaptive, even, None, None, ranks_per_node=1, config=config).time_s
             - score_arrays(static, even, None, None, ranks_per_node=1, config=config).time_s) == pytest.approx(all_reduce)
     # no replicas: nothing to balance, nothing to pay
@@ -394,9 +409,10 @@ def test_noisy_max_mean_charges_co_location():
 def test_targets_on_presets(presets, name, N):
     """Plan on window 0, score on window 1 (``benchmarks/placement.py`` runs every window, with
     the moving-average history; its JSON has the numbers). Asserted: what is met on these presets.
-    moec's plans run with replica_balance="adaptive" (the runtime re-balances replicas on each step's
-    routing) and are scored so; EPLB's with their even split, as published. NOT met, stated here and
-    measured by the benchmark:
+    moec's plan runs with the replica balancing "auto" picks (the one predicted faster) and is scored
+    so; the same plan run with "adaptive" (the runtime re-balances replicas on each step's routing,
+    at an all-reduce and host time per layer) meets the balance targets; EPLB's plans run with
+    their even split, as published. NOT met, stated here and measured by the benchmark:
     * cross-rank >= 40% below contiguous: met at 8 ranks on both group presets (42%, 46%), 40% at
       16 ranks on zipf256-group-affinity only; zipf64-group-affinity at 16/32 ranks (13%, 6%) and
       zipf256-group-affinity at 32 (19%) fall short: a rank holds E/N < k experts there (see
@@ -410,10 +426,11 @@ def test_targets_on_presets(presets, name, N):
     baselines = {k: result[k][1] for k in BASELINE_NAMES}
     # simulated step time better than every baseline (measured: 1-17% below the best)
     assert all(moec.time_s < s.time_s for s in baselines.values()), {k: s.time_s for k, s in baselines.items()}
-    assert result["moec"][0].replica_balance == "adaptive"
-    assert moec.max_mean_load <= 1.05, moec.max_mean_load  # measured 1.000-1.03
+    adaptive = score_plan(dataclasses.replace(result["moec"][0], replica_balance="adaptive"), trace, 1,
+                          ranks_per_node=8, config=ScoreConfig.from_trace(trace))
+    assert adaptive.max_mean_load <= 1.05, adaptive.max_mean_load  # measured 1.000-1.03
     best_eplb = min(baselines["eplb-hierarchical"].max_mean_load, baselines["eplb-global"].max_mean_load)
-    assert moec.max_mean_load <= best_eplb
+    assert adaptive.max_mean_load <= best_eplb
     contiguous_x = baselines["contiguous"]
     if "group" in name and (N == 8 or (N == 16 and E == 256)):
         assert moec.cross_rank <= 0.62 * contiguous_x.cross_rank  # measured 0.54-0.61 of contiguous
@@ -452,6 +469,24 @@ def test_previous_plan_halves_weights_moved(presets, name, N):
     assert kept.time_s <= 1.02 * scratch.time_s  # on window 2, never seen by either plan
 
 
+def test_auto_replica_balance_judges_the_deployed_plan_out_of_sample():
+    """"auto": static on a single window (in sample, adaptive only adds its cost); with a deployed
+    plan, adaptive where that plan, scored on the newest window it was not made from, runs faster
+    so (the load moved: a fresh ranking every window); either way forced values are kept."""
+    one = synthetic_trace(64, 2, 1, 8192, 2, zipf_s=1.2, seed=7)
+    plan = place(one, 16, 8, 5)
+    assert plan.replica_balance == "static" and plan.meta["replica_balance_judged_on"] == "planning windows"
+    assert place(one, 16, 8, 5, options=PlacementOptions(replica_balance="adaptive")).replica_balance == "adaptive"
+    moving = synthetic_trace(64, 2, 3, 8192, 2, zipf_s=1.2, drift=1.0, seed=7)
+    deployed = place(moving, 16, 8, 5, window=0)
+    plan = place(moving, 16, 8, 5, window=1, previous=deployed)
+    scores = plan.meta["replica_balance_scores"]
+    assert plan.meta["replica_balance_judged_on"] == "previous plan, newest window"
+    assert plan.replica_balance == "adaptive" and scores["adaptive"] < scores["static"], scores
+    with pytest.raises(PlanError, match="replica_balance must be"):
+        place(one, 16, 8, 5, options=PlacementOptions(replica_balance="dynamic"))
+
+
 def test_renaming_ranks_keeps_weights_and_the_node_structure():
     from moec.passes.placement import _relabel
 
@@ -466,6 +501,10 @@ def test_renaming_ranks_keeps_weights_and_the_node_structure():
     assert _relabel(swapped, plan, 2).layers == plan.layers  # renamed back: nothing moves
     other = dataclasses.replace(plan, layers=[LayerPlan([lp.rank_experts[p] for p in (2, 3, 0, 1)]) for lp in plan.layers])
     assert _relabel(other, plan, 2).layers == [LayerPlan(lp.rank_experts) for lp in plan.layers]  # whole nodes swap
+    # matching nodes by their best rank matching, not by experts in common: never worse than no renaming
+    prev = PlacementPlan(4, [LayerPlan([list(range(8)), [8, 9], [10, 11, 12], [13, 14, 15]])], num_experts=16)
+    new = PlacementPlan(4, [LayerPlan([[0, 1], [8, 9], [2, 3, 4], [5, 6, 7]])], num_experts=16)
+    assert sum(weights_moved(_relabel(new, prev, 2), prev)) <= sum(weights_moved(new, prev)) == 6
     # a random plan: renaming keeps node mates together and never keeps fewer weights
     random_plan = _random_plan(rng, 3, 16, 4, 5)
     renamed = _relabel(random_plan, plan, 2)

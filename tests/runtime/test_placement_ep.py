@@ -160,7 +160,8 @@ def test_balance_replicas_by_hand():
     assert _held_loads(chain, fractions, counts) == pytest.approx([9.0, 3.0, 3.0])  # 1 and 2 move off rank 0-1
     counts = [3.0, 6.0, 6.0, 0.0]
     fractions = balance_replicas(counts, *flatten_placement(chain.rank_experts), 4)
-    assert _held_loads(chain, fractions, counts) == pytest.approx([5.0, 5.0, 5.0])
+    # 8 Gauss-Seidel sweeps, stopped at 1e-3 of the slots moved: close to the even 5, 5, 5
+    assert _held_loads(chain, fractions, counts) == pytest.approx([5.0, 5.0, 5.0], abs=0.02)
 
 
 def test_balance_replicas_minimises_the_heaviest_rank():
@@ -275,7 +276,7 @@ def test_bad_plans_are_rejected_at_compile():
 def _profiled_plan_worker(rank: int, world: int) -> float:
     """Profile the model eagerly, plan with moec's optimiser, compile with the plan: the largest
     difference of this rank's output from the eager model's on its rows, relative to its size."""
-    from moec.passes.placement import place
+    from moec.passes.placement import PlacementOptions, place
     from moec.runtime.profiler import RoutingProfiler
 
     case = dict(name="profiled", spec="builtin:moe-mlp", rows=[2, 1])
@@ -286,9 +287,11 @@ def _profiled_plan_worker(rank: int, world: int) -> float:
     with profiler.recording(model), torch.no_grad():
         model(*full)
     trace = profiler.trace()
-    plan = place(trace, world, world, -(-5 * trace.num_experts // (4 * world)))  # 25% replica slots
+    # 25% replica slots; adaptive forced ("auto" decides on the planning windows: one here)
+    plan = place(trace, world, world, -(-5 * trace.num_experts // (4 * world)),
+                 options=PlacementOptions(replica_balance="adaptive"))
     assert plan.meta["layer_names"] == trace.meta["layer_names"]
-    assert plan.replica_balance == "adaptive"  # moec's plans run with per-step replica balancing
+    assert PlacementPlan.from_dict(plan.to_dict()).replica_balance == "adaptive"  # the file carries it
     compiled = moec.compile(model, expert_parallel=True, inner="aot_eager", placement=plan)
     torch._dynamo.utils.counters["moec"].clear()
     with torch.no_grad():
