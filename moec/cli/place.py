@@ -171,7 +171,10 @@ def place_main(opts) -> int:
           f"layers at {opts.tokens} tokens/rank, H={config.hidden}, I={config.expert_hidden}, "
           f"{config.dtype_bytes}-byte elements")
     print(f"calibration: {calib_source}")
-    print(f"moec's plan runs with replica_balance={plan.replica_balance} (scored so); the baselines split "
+    chosen = plan.meta.get("replica_balance_scores")
+    why = (f" (--replica-balance auto: predicted {chosen['static'] * 1e3:.3f} ms static, {chosen['adaptive'] * 1e3:.3f} ms "
+           f"adaptive on the {plan.meta.get('replica_balance_judged_on')})" if chosen else "")
+    print(f"moec's plan runs with replica_balance={plan.replica_balance}{why}, and is scored so; the baselines split "
           f"replicas by their plans' shares (EPLB: evenly, as published)")
     if previous is not None:
         print(f"previous plan: {opts.previous} (weights moved are counted from it)")

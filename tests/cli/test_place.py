@@ -34,6 +34,8 @@ def test_tables_and_plan_file(capsys, tmp_path):
     assert f"moec place {TRACE}: 64 experts, 8 layer(s), 4 window(s); 16 rank(s), 8 per node, 5 slot(s) per rank" in out
     assert "planned on window 0, scored on window 1" in out
     assert "calibration: assumed H100-class defaults" in out
+    assert "moec's plan runs with replica_balance=static (--replica-balance auto: predicted " in out
+    assert "adaptive on the planning windows), and is scored so" in out
     totals = out[out.index("totals"):out.index("per layer")].strip().splitlines()
     floor = totals.pop()
     assert floor.startswith("traffic floor on window 1: no plan with 5 slot(s) per rank and max/mean <= 1.05 "
