@@ -187,12 +187,16 @@ def ep_route_placed_reference(idx_TK: Tensor, slots, slot_counts, shares, num_ex
 def ep_route_placed(idx: Tensor, slots: list[int], slot_counts: list[int], shares: list[float], num_experts: int,
                     rank: int, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Send plan of this rank's slots under a placement, per token chunk: (order, local, counts)."""
+    _check_placed_route(idx, slot_counts, num_experts, rank, chunks)
+    return ep_route_placed_reference(idx, slots, slot_counts, shares, num_experts, rank, chunks)
+
+
+def _check_placed_route(idx: Tensor, slot_counts, num_experts: int, rank: int, chunks: int) -> None:
     _check(chunks >= 1, f"chunks must be at least 1, got {chunks}")
     _check(0 <= rank < len(slot_counts), f"rank {rank} is not among the placement's {len(slot_counts)} ranks")
     _check(idx.dtype == torch.int64 and idx.dim() == 2, "expert ids must be int64 [T, K]")
     _check(idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < num_experts),
            f"expert ids must lie in [0, {num_experts})")
-    return ep_route_placed_reference(idx, slots, slot_counts, shares, num_experts, rank, chunks)
 
 
 @ep_route_placed.register_fake
@@ -296,11 +300,7 @@ def ep_route_adaptive(idx: Tensor, counts: Tensor, slots: list[int], slot_counts
     slots per expert, ``counts``)."""
     _check(counts.dim() == 1 and counts.numel() == num_experts,
            f"counts must hold one slot count per expert ({num_experts}), got shape {tuple(counts.shape)}")
-    _check(chunks >= 1, f"chunks must be at least 1, got {chunks}")
-    _check(0 <= rank < len(slot_counts), f"rank {rank} is not among the placement's {len(slot_counts)} ranks")
-    _check(idx.dtype == torch.int64 and idx.dim() == 2, "expert ids must be int64 [T, K]")
-    _check(idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < num_experts),
-           f"expert ids must lie in [0, {num_experts})")
+    _check_placed_route(idx, slot_counts, num_experts, rank, chunks)
     step_shares = balance_replicas(counts.tolist(), slots, slot_counts, shares, num_experts)
     return ep_route_placed_reference(idx, slots, slot_counts, step_shares, num_experts, rank, chunks, cached=False)
 

@@ -187,18 +187,18 @@ def expert_parallel(
             raise ValueError(f"moec: chunks must be a positive int, got {C!r}")
         if placement is not None:
             hierarchical = False  # placed layers exchange over the flat group (documented)
+        # balanced per step: placed layers with replicas only (without, there is nothing to split)
+        adaptive = replica_balance == "adaptive" and placement is not None and len(set(placement[0])) < len(placement[0])
         if hierarchical and nodes is None:
             raise ValueError("moec: a hierarchical all-to-all needs the node groups (moec.compile makes them "
                              "when ranks_per_node is less than the group size)")
         with graph.inserting_before(ggc):
             out = _emit(graph, ggc, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out,
                         E=E, K=K, world=world, rank=rank, chunks=C, group_name=group_name, layer=changed,
-                        nodes=nodes if hierarchical else None, placement=placement,
-                        adaptive=replica_balance == "adaptive")
+                        nodes=nodes if hierarchical else None, placement=placement, adaptive=adaptive)
         torch._dynamo.utils.counters["moec"]["expert_parallel_hierarchical_layers"] += bool(hierarchical)
         torch._dynamo.utils.counters["moec"]["expert_parallel_placed_layers"] += placement is not None
-        torch._dynamo.utils.counters["moec"]["expert_parallel_adaptive_layers"] += (
-            placement is not None and replica_balance == "adaptive" and len(set(placement[0])) < len(placement[0]))
+        torch._dynamo.utils.counters["moec"]["expert_parallel_adaptive_layers"] += adaptive
         ggc.replace_all_uses_with(out)
         graph.erase_node(ggc)
         graph.erase_node(gga)
@@ -291,7 +291,7 @@ def _emit(graph, like, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out, *, 
             sizes.append(v)
         return sizes
 
-    if placement is not None and adaptive and len(set(placement[0])) < len(placement[0]):
+    if adaptive:
         # placed with replicas, balanced per step: the group's slots per expert, then shares
         group1, peers1 = group_name, world
         flat = call(torch.reshape, idx_TK, (-1,), stage="plan")
