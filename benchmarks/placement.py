@@ -114,19 +114,12 @@ def _balance_checks(case: dict, name: str) -> dict:
 def acceptance(case: dict, has_affinity: bool) -> dict:
     s = case["summary"]
     m = s["moec"]
-    eplb_best = min(s[e]["max_mean_load"] for e in EPLB)
-    per_window = [(r["methods"]["moec"]["max_mean_load"], min(r["methods"][e]["max_mean_load"] for e in EPLB))
-                  for r in case["windows"]]
+    # per-window counts for moec as deployed and its plan forced to each mode: _balance_checks
     out = dict(
         modes={name: _balance_checks(case, name) for name in ("moec", "moec+static", "moec+adaptive")},
-        max_mean_load=m["max_mean_load"],
-        max_mean_le_1_05=m["max_mean_load_worst"] <= 1.05,
-        max_mean_vs_best_eplb=m["max_mean_load"] - eplb_best,
+        max_mean_vs_best_eplb=m["max_mean_load"] - min(s[e]["max_mean_load"] for e in EPLB),
         max_mean_vs_best_eplb_adaptive=m["max_mean_load"] - min(s[f"{e}+adaptive"]["max_mean_load"] for e in EPLB),
-        max_mean_not_worse_than_eplb_every_window=all(a <= b + 1e-12 for a, b in per_window),
         step_time_vs_best_baseline=m["time_s"] / min(s[b]["time_s"] for b in BASELINES),
-        step_time_better_than_every_baseline=all(
-            r["methods"]["moec"]["time_s"] < min(r["methods"][b]["time_s"] for b in BASELINES) for r in case["windows"]),
     )
     if has_affinity and s["contiguous"]["cross_rank"]:
         out["cross_rank_reduction_vs_contiguous"] = 1 - m["cross_rank"] / s["contiguous"]["cross_rank"]
@@ -191,12 +184,9 @@ def main(argv=None) -> int:
     print("acceptance (issue 6):")
     for c in cases:
         a = c["acceptance"]
-        parts = [f"max/mean {a['max_mean_load']:.4f} (<=1.05 every window: {a['max_mean_le_1_05']}; "
-                 f"vs best EPLB {a['max_mean_vs_best_eplb']:+.4f}, never worse per window: "
-                 f"{a['max_mean_not_worse_than_eplb_every_window']}; vs EPLB's plans balanced adaptively "
-                 f"{a['max_mean_vs_best_eplb_adaptive']:+.4f})",
-                 f"step time / best baseline {a['step_time_vs_best_baseline']:.4f} "
-                 f"(better in every window: {a['step_time_better_than_every_baseline']})"]
+        parts = [f"max/mean vs best EPLB {a['max_mean_vs_best_eplb']:+.4f}, vs EPLB's plans balanced adaptively "
+                 f"{a['max_mean_vs_best_eplb_adaptive']:+.4f}",
+                 f"step time / best baseline {a['step_time_vs_best_baseline']:.4f}"]
         if "cross_rank_reduction_vs_contiguous" in a:
             parts.append(f"cross-rank {100 * a['cross_rank_reduction_vs_contiguous']:.1f}% below contiguous "
                          f"(any plan: at most {100 * a['cross_rank_reduction_bound']:.1f}%)")
