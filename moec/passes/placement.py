@@ -68,9 +68,10 @@ Pseudo-code::
     with a previous plan: candidates are the plan with the strongest keep bonus of inf, 1, 0.3,
     0.1 that fits the budget (the sweeps starting from the previous plan's shares), the scratch
     plan, and the scratch plan with its ranks renamed to
-    keep the most weights in place (``_relabel``: nodes matched to nodes, then ranks to ranks
-    within them, by experts in common, networkx's max-weight matching; renaming ranks inside the
-    node structure changes no predicted time unless the trace has source ranks); return the one
+    keep the most weights in place (``_relabel``: for every pair of nodes the best matching of
+    their ranks by experts in common, then nodes matched by those values, networkx's max-weight
+    matchings; renaming ranks inside the node structure changes no predicted time unless the
+    trace has source ranks); return the one
     that moves the fewest weights among those whose predicted step time on the planning window
     is within keep_budget of the scratch plan's (the scratch plan if none is)
 
@@ -715,20 +716,23 @@ def place_arrays(load_LE: np.ndarray, world_size: int, ranks_per_node: int, slot
     if previous is None:
         return scratch
 
-    limit = time_of(scratch) * (1 + opts.keep_budget)
+    scratch_s = time_of(scratch)
+    limit = scratch_s * (1 + opts.keep_budget)
     # Sweeps that keep weights start from the deployed plan (its chains already co-located), not
     # from a fresh packing of the communities, which may put the same chains on other ranks.
     start = [previous.share_matrix(l) for l in range(L)] if aff is not None and weight > 0 else None
-    candidates = [(scratch, 0)]
+    candidates = [(scratch, 0, scratch_s)]  # (plan, keep, predicted time)
     for keep in opts.keep_weights:
         plan = build(previous, keep, start, weight)
-        if time_of(plan) <= limit:
-            candidates.append((plan, "inf" if keep == INF else keep))
+        plan_s = time_of(plan)
+        if plan_s <= limit:
+            candidates.append((plan, "inf" if keep == INF else keep, plan_s))
             break  # the strongest keep bonus within the budget: weaker ones keep fewer weights
     renamed = _relabel(scratch, previous, M)
-    if time_of(renamed) <= limit:
-        candidates.append((renamed, "renamed"))
-    best, keep = min(candidates, key=lambda c: (sum(weights_moved(c[0], previous)), time_of(c[0])))
+    renamed_s = time_of(renamed)
+    if renamed_s <= limit:
+        candidates.append((renamed, "renamed", renamed_s))
+    best, keep, _ = min(candidates, key=lambda c: (sum(weights_moved(c[0], previous)), c[2]))
     best.meta.update({k: v for k, v in scratch.meta.items() if k.startswith("replica_balance")})
     best.meta.update(keep=keep, previous=True)
     return best
@@ -781,6 +785,12 @@ def _relabel(plan: PlacementPlan, previous: PlacementPlan, M: int) -> PlacementP
     return dataclasses.replace(plan, layers=layers, meta=dict(plan.meta))
 
 
+def _window_weights(w: int, history: float) -> np.ndarray:
+    """Weights of windows 0..w in the planning input: d^(w - j) normalised (d = ``history``; 0: window w only)."""
+    weight_J = np.array([history ** (w - j) for j in range(w + 1)]) if history > 0 else np.eye(w + 1)[w]
+    return weight_J / weight_J.sum()
+
+
 def planning_arrays(trace, window: int, history: float = 0.0):
     """``(load_LE, affinity_LEE or None, source_LRE or None)`` to plan window ``window`` on: with
     ``history`` d in (0, 1), the exponential moving average of windows 0..window, window j
@@ -792,8 +802,7 @@ def planning_arrays(trace, window: int, history: float = 0.0):
     if not 0.0 <= history < 1.0:
         raise PlanError(f"history is a decay in [0, 1), got {history}")
     w = window % W
-    weight_J = np.array([history ** (w - j) for j in range(w + 1)]) if history > 0 else np.eye(w + 1)[w]
-    weight_J = weight_J / weight_J.sum()
+    weight_J = _window_weights(w, history)
 
     def avg(a):
         return None if a is None else np.tensordot(weight_J, np.asarray(a[:w + 1], dtype=np.float64), axes=1)
@@ -809,8 +818,8 @@ def place(trace, world_size: int, ranks_per_node: int, slots_per_rank: int, *, w
     load_LE, aff_LEE, src_LRE = planning_arrays(trace, window, history)
     w = window % trace.num_windows
     aff = trace.affinity_WLEE
-    windows = [(history ** (w - j) if history else float(j == w), trace.load_WLE[j].astype(np.float64),
-                None if aff is None else aff[j].astype(np.float64)) for j in range(w + 1)]
+    windows = [(float(weight), trace.load_WLE[j].astype(np.float64), None if aff is None else aff[j].astype(np.float64))
+               for j, weight in enumerate(_window_weights(w, history))]
     plan = place_arrays(load_LE, world_size, ranks_per_node, slots_per_rank, affinity_LEE=aff_LEE,
                         source_LRE=src_LRE, top_k=(trace.meta or {}).get("top_k") or 1, previous=previous,
                         options=options, config=config or ScoreConfig.from_trace(trace),
