@@ -47,7 +47,8 @@ from moec.ir.lowered import (BACKWARD_OPS, FAKES, LOWERED_OPS, act_width, gate_r
                               permute_reference, register_autograd)
 from moec.ir.ops import GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN's bf16 linear needs AVX512-BF16/AMX; on other CPUs (AVX2 EPYCs) it refuses to build.
+_ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
 # Measured on the project's 2-core AMD EPYC (fp32, cold weights, GB/s of weight read):
 #   rows            1    2-4   8    16   32
 #   oneDNN x W^T    37   28    25   21   15
