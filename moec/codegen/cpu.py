@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moec.codegen import cpu_native
-from moec.ir.lowered import (BACKWARD_OPS, FAKES, LOWERED_OPS, act_width, gate_reference, out_rows, out_width,
-                              permute_reference, register_autograd)
-from moec.ir.ops import GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check
+from moec.ir.lowered import (BACKWARD_OPS, FAKES, LOWERED_OPS, act_width, gate_kind, gate_reference, out_rows,
+                              out_width, permute_reference, register_autograd)
+from moec.ir.ops import GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check, route_choice
 
 # oneDNN's bf16 linear needs AVX512-BF16/AMX; on other CPUs (AVX2 EPYCs) it refuses to build.
 _ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
@@ -143,6 +143,9 @@ def _act_into(h_MF: Tensor, out_MI: Tensor, activation: str, interleaved: bool, 
     if activation in UNGATED_ACTIVATIONS:
         if activation == "relu":
             torch.clamp_min(h_MF, 0, out=out_MI)
+        elif activation == "relu2":
+            torch.clamp_min(h_MF, 0, out=out_MI)
+            out_MI.square_()
         elif activation == "silu":
             torch.ops.aten.silu.out(h_MF, out=out_MI)
         else:
@@ -152,6 +155,9 @@ def _act_into(h_MF: Tensor, out_MI: Tensor, activation: str, interleaved: bool, 
     gate_MI, up_MI = _halves(h_MF, interleaved)
     if activation == "swiglu":
         torch.ops.aten.silu_(gate_MI)
+        torch.mul(gate_MI, up_MI, out=out_MI)
+    elif activation == "reglu":
+        gate_MI.clamp_min_(0)
         torch.mul(gate_MI, up_MI, out=out_MI)
     elif activation == "clamped_swiglu":
         gate_MI.clamp_(max=limit)
@@ -168,13 +174,19 @@ def _act_grad(grad_MI: Tensor, h_MF: Tensor, activation: str, interleaved: bool,
     """d activation(h) / d h applied to ``grad_MI``: [M, F]."""
     if activation == "relu":
         return grad_MI * (h_MF > 0)
-    if activation == "swiglu":
+    if activation == "relu2":  # d relu(h)^2 / dh = 2 relu(h)
+        return grad_MI * (2 * h_MF.clamp_min(0))
+    if activation in ("swiglu", "reglu"):
         gate_MI, up_MI = _halves(h_MF, interleaved)
-        sig_MI = torch.sigmoid(gate_MI)
-        silu_MI = gate_MI * sig_MI
-        d_up_MI = grad_MI * silu_MI
-        # d silu(g) / dg = s + g s (1 - s) = s (1 + g (1 - s))
-        d_gate_MI = grad_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
+        if activation == "reglu":
+            d_up_MI = grad_MI * gate_MI.clamp_min(0)
+            d_gate_MI = grad_MI * up_MI * (gate_MI > 0)
+        else:
+            sig_MI = torch.sigmoid(gate_MI)
+            silu_MI = gate_MI * sig_MI
+            d_up_MI = grad_MI * silu_MI
+            # d silu(g) / dg = s + g s (1 - s) = s (1 + g (1 - s))
+            d_gate_MI = grad_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
         if interleaved:
             return torch.stack([d_gate_MI, d_up_MI], dim=-1).reshape(h_MF.shape)
         return torch.cat([d_gate_MI, d_up_MI], dim=-1)
@@ -245,12 +257,15 @@ def gate(
     renormalize: bool,
     scaling: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Router GEMM + top-k + counts. Softmax routers run the reference's own ops in the same order
-    without its generality (a few microseconds a call at one token); the others run the reference
-    code. Either way expert choices (ties included) and weights equal ``moec::gate``'s bitwise."""
-    if kind in ("softmax_topk", "top1", "topk_softmax"):
+    """Router GEMM + top-k + counts. Plain softmax routers (no correction bias, groups or p-norm)
+    run the reference's own ops in the same order without its generality (a few microseconds a
+    call at one token); the others run the reference code. Either way expert choices (ties
+    included) and weights equal ``moec::gate``'s bitwise."""
+    rk = gate_kind(kind)
+    if (rk.base in ("softmax_topk", "top1", "topk_softmax") and correction_bias is None and num_groups <= 1
+            and rk.pnorm is None):
         logits_TE = x if router_weight is None else F.linear(x, router_weight, router_bias)
-        if kind == "topk_softmax":
+        if rk.base == "topk_softmax":
             top_TK, idx_TK = logits_TE.float().topk(top_k, dim=-1)
             weights_TK = top_TK.softmax(dim=-1)
         else:
@@ -283,8 +298,8 @@ def gate_backward(
     """Gradients for (x, router_weight, router_bias); an empty tensor for an absent one.
 
     Written out: the top-k choice is piecewise constant, so the gradient flows through the chosen
-    probabilities only (softmax / sigmoid, then renormalisation and scaling); the router GEMM's
-    gradient is two GEMMs."""
+    scores only (softmax / sigmoid / the logits, then the softmax over the k of ``topk_softmax``,
+    renormalisation by sum or p-norm, and scaling); the router GEMM's gradient is two GEMMs."""
     x_TH = x.reshape(-1, x.shape[-1])
     logits_TE = x_TH if router_weight is None else F.linear(x_TH, router_weight, router_bias)
     d_logits_TE = _route_grad(grad_weights.reshape(-1, top_k).float(), logits_TE, correction_bias, kind, top_k,
@@ -299,30 +314,32 @@ def gate_backward(
 
 def _route_grad(d_out_TK: Tensor, logits_TE: Tensor, correction_bias: Optional[Tensor], kind: str, top_k: int,
                 num_groups: int, topk_groups: int, renormalize: bool, scaling: float) -> Tensor:
-    """d route_reference(...).weights / d logits applied to ``d_out_TK``: [T, E] float32."""
-    from moec.ir.ops import route_reference
-
+    """d route_weights(...).weights / d logits applied to ``d_out_TK``: [T, E] float32."""
+    rk = gate_kind(kind)
     logits_f = logits_TE.float()
     # The same code picks the experts as in the forward, so ties break the same way.
-    _, idx_TK = route_reference(logits_f, correction_bias, kind, top_k, num_groups, topk_groups, False, 1.0, 0)
-    if kind == "topk_softmax":
-        weights_TK = logits_f.gather(-1, idx_TK).softmax(dim=-1)
-    elif kind in ("softmax_topk", "top1"):
-        probs_TE = logits_f.softmax(dim=-1)
-        weights_TK = probs_TE.gather(-1, idx_TK)
-    else:
-        probs_TE = logits_f.sigmoid()
-        weights_TK = probs_TE.gather(-1, idx_TK)
+    probs_TE, idx_TK = route_choice(logits_f, correction_bias, rk, top_k, num_groups, topk_groups)
+    weights_TK = probs_TE.gather(-1, idx_TK)
+    if rk.base == "topk_softmax":
+        weights_TK = weights_TK.softmax(dim=-1)
     d_TK = d_out_TK * scaling
-    if renormalize:
+    if renormalize and rk.pnorm is None:
         sum_T1 = weights_TK.sum(dim=-1, keepdim=True) + 1e-20
         # w' = w / S:  dw_j = (dw'_j - sum_k dw'_k w'_k) / S
         d_TK = (d_TK - (d_TK * (weights_TK / sum_T1)).sum(dim=-1, keepdim=True)) / sum_T1
-    if kind == "topk_softmax":
+    elif renormalize:
+        p = rk.pnorm
+        norm_T1 = torch.linalg.vector_norm(weights_TK, ord=p, dim=-1, keepdim=True)
+        den_T1 = norm_T1 + 1e-20
+        # w' = w / (N + eps), N = ||w||_p:  dN/dw_j = sign(w_j) (|w_j| / N)^(p-1), so
+        # dw_j = (dw'_j - (sum_k dw'_k w'_k) dN/dw_j) / (N + eps)
+        dn_TK = weights_TK.sign() * (weights_TK.abs() / norm_T1.clamp_min(1e-30)).pow(p - 1)
+        d_TK = (d_TK - (d_TK * (weights_TK / den_T1)).sum(dim=-1, keepdim=True) * dn_TK) / den_T1
+    if rk.base == "topk_softmax":
         d_TK = weights_TK * (d_TK - (d_TK * weights_TK).sum(dim=-1, keepdim=True))
         return torch.zeros_like(logits_f).scatter_add_(-1, idx_TK, d_TK)
     d_probs_TE = torch.zeros_like(logits_f).scatter_add_(-1, idx_TK, d_TK)
-    if kind in ("softmax_topk", "top1"):
+    if rk.scores == "softmax":
         return probs_TE * (d_probs_TE - (d_probs_TE * probs_TE).sum(dim=-1, keepdim=True))
     return d_probs_TE * probs_TE * (1 - probs_TE)
 

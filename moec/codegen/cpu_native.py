@@ -32,8 +32,9 @@ import hashlib
 import os
 from typing import Optional
 
+# Gated activations are the codes below 4 and 8; the others are ungated.
 ACT_CODES = {"swiglu": 0, "geglu": 1, "geglu_tanh": 2, "clamped_swiglu": 3, "relu": 4, "gelu": 5, "gelu_tanh": 6,
-             "silu": 7}
+             "silu": 7, "reglu": 8, "relu2": 9}
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -60,6 +61,7 @@ inline float ungated(int act, float h) {
     case 4: return h > 0.f ? h : 0.f;
     case 5: return gelu(h);
     case 6: return gelu_tanh(h);
+    case 9: { const float r = h > 0.f ? h : 0.f; return r * r; }
     default: return silu(h);
   }
 }
@@ -69,6 +71,7 @@ inline float gated(int act, float g, float u, float alpha, float limit) {
     case 0: return silu(g) * u;
     case 1: return gelu(g) * u;
     case 2: return gelu_tanh(g) * u;
+    case 8: return (g > 0.f ? g : 0.f) * u;
     default: {
       g = std::min(g, limit);
       u = std::max(std::min(u, limit), -limit);
@@ -85,7 +88,7 @@ torch::Tensor gemv_act(torch::Tensor x, torch::Tensor token, torch::Tensor spans
                        int64_t act, bool interleaved, double alpha, double limit, int64_t N) {
   const int64_t D = x.size(1), F = w.size(1);
   const int64_t* tk = token.numel() ? token.data_ptr<int64_t>() : nullptr;
-  const bool is_gated = act <= 3;
+  const bool is_gated = act <= 3 || act == 8;
   const int64_t I = is_gated ? F / 2 : F;
   auto out = torch::zeros({N, I}, x.options());
   const float* xp = x.data_ptr<float>();

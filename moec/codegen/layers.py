@@ -18,6 +18,7 @@ import torch
 from torch.fx import Node
 
 from moec.codegen.spec import KernelSpec
+from moec.ir.routing import RouterKind
 from moec.ir.verify import moec_op_name, node_value
 
 
@@ -61,8 +62,9 @@ def layer_specs(gm: torch.fx.GraphModule, target: str | None = None) -> list[Ker
             route = _nearest(router.args[0], "route")
             _, cb, kind, top_k, ng, tg, renorm, scaling, _capacity = route.args
             kw.update(has_router_weight=False)
-        kw.update(router_kind=kind, top_k=top_k, num_groups=ng, topk_groups=tg, renormalize=renorm,
-                  scaling=scaling, has_correction_bias=cb is not None)
+        # The slots per token (E for expert choice) are what the permute and combine kernels see.
+        kw.update(router_kind=kind, top_k=RouterKind.parse(kind).out_k(top_k, kw["num_experts"]), num_groups=ng,
+                  topk_groups=tg, renormalize=renorm, scaling=scaling, has_correction_bias=cb is not None)
         specs.append(KernelSpec.from_layer(**kw))
     return specs
 

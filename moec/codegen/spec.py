@@ -1,8 +1,10 @@
 """Kernel specifications: what one MoE layer fixes about its Triton kernels.
 
 Contract: a ``KernelSpec`` is a frozen, hashable description of one layer (router, expert FFN,
-dtype, codegen target). ``spec.key()`` is a sha256 over every field plus the Triton, torch and
-template versions, so a cached kernel file is reused only when all of them match.
+dtype, codegen target). ``router_kind`` is the full kind string of ``moec.ir.routing``, validated
+and stored in its canonical spelling. ``spec.key()`` is a sha256 over every field plus the
+Triton, torch and template versions, so a cached kernel file is reused only when all of them
+match.
 ``spec.for_kernel(group)`` keeps only the fields the kernel group ``group`` is generated from and
 resets the others to their defaults, so two layers that differ only in, say, the router share the
 cached grouped-GEMM kernels.
@@ -23,10 +25,11 @@ import math
 import os
 from dataclasses import dataclass, fields, replace
 
-from moec.ir.ops import ACTIVATIONS, GATED_ACTIVATIONS, ROUTER_KINDS
+from moec.ir.ops import ACTIVATIONS, GATED_ACTIVATIONS
+from moec.ir.routing import RouterKind
 
 # Bump when any template in ``moec.codegen.templates`` changes what it generates.
-TEMPLATE_VERSION = "1"
+TEMPLATE_VERSION = "2"
 
 DTYPES = ("float32", "bfloat16", "float16")
 TARGETS = ("cuda", "interpret")
@@ -87,18 +90,21 @@ class KernelSpec:
     target: str = dataclasses.field(default_factory=default_target)
 
     def __post_init__(self):
-        if self.router_kind not in ROUTER_KINDS:
-            raise ValueError(f"moec: unknown router kind {self.router_kind!r}; expected one of {ROUTER_KINDS}")
+        # Canonical spelling, so that the key does not depend on how a capture wrote the kind.
+        object.__setattr__(self, "router_kind", str(RouterKind.parse(self.router_kind)))
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"moec: unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"moec: dtype {self.dtype!r} has no Triton kernels; expected one of {DTYPES}")
         if self.target not in TARGETS:
             raise ValueError(f"moec: unknown codegen target {self.target!r}; expected one of {TARGETS}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"moec: top_k={self.top_k} must be between 1 and the {self.num_experts} experts")
-        if self.num_groups > 1 and self.num_experts % self.num_groups:
-            raise ValueError(f"moec: {self.num_experts} experts do not split into {self.num_groups} groups")
+        self.router.check(num_experts=self.num_experts, top_k=self.top_k, num_groups=self.num_groups,
+                          topk_groups=self.topk_groups, renormalize=self.renormalize,
+                          has_correction_bias=self.has_correction_bias)
+
+    @property
+    def router(self) -> RouterKind:
+        return RouterKind.parse(self.router_kind)
 
     @property
     def gated(self) -> bool:
@@ -122,8 +128,8 @@ class KernelSpec:
                 keep -= {"alpha", "limit"}
             if not self.gated:
                 keep -= {"interleaved"}
-        if group == "gate" and self.router_kind not in ("sigmoid_topk", "sigmoid_bias_grouped_topk"):
-            keep -= {"num_groups", "topk_groups", "has_correction_bias"}
+        if group == "gate" and self.num_groups <= 1:  # topk_groups only means something with groups
+            keep -= {"num_groups", "topk_groups"}
         defaults = KernelSpec(target=self.target)
         return replace(self, **{f.name: getattr(defaults, f.name) for f in fields(self) if f.name not in keep})
 

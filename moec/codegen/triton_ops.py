@@ -23,6 +23,9 @@ by a masked fill, no host sync), ``*_backward_weight`` launches that kernel on i
 the fused backward, in its order.
 The gate's backward is NOT Triton: ``moec_triton::gate_backward`` is the vjp of the reference
 (``moec::gate_backward``); routing gradients are a [T, K] by [T, E] softmax/sigmoid derivative.
+The gate kernel covers every token-choice router kind without an expert capacity (scores,
+correction bias, group-limited top-k by top-2 sum or max, renormalisation by sum or p-norm);
+routes with a capacity stay ``moec::route`` / ``moec::dispatch`` (reference) in every target.
 
 Determinism: counts use integer atomics (exact); the permutation is a counting sort with a
 fixed block order; the combine writes each weighted row once to a [T*K, H] buffer at its slot and
@@ -55,7 +58,7 @@ from torch.library import triton_op, wrap_triton
 import moec.ir.lowered  # noqa: F401  (registers moec::gate_backward, the gate's backward)
 from moec.codegen import cache
 from moec.codegen.spec import KernelSpec, default_target, dtype_name
-from moec.ir.lowered import FAKES, act_width, out_rows, out_width, register_autograd
+from moec.ir.lowered import FAKES, act_width, gate_kind, out_rows, out_width, register_autograd
 from moec.ir.ops import GATED_ACTIVATIONS
 
 FORWARD_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
@@ -297,6 +300,7 @@ def gate(
     scaling: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused gating: (weights [..., K] float32, idx [..., K] int64, counts [E] int64)."""
+    gate_kind(kind)  # routes with an expert capacity are never a gate
     # Shape-derived spec fields specialise (int() on a SymInt guards): the source depends on them.
     E = int(x.shape[-1] if router_weight is None else router_weight.shape[0])
     x2 = _rows(x)

@@ -1,4 +1,4 @@
 """The moec MoE IR: canonical ``moec::`` ops, the lowered grouped-GEMM ops, their reference
-semantics, and the verifier."""
+semantics, the router vocabulary (``routing``), and the verifier."""
 
-from moec.ir import lowered, ops  # noqa: F401  (registers the ops)
+from moec.ir import lowered, ops, routing  # noqa: F401  (registers the ops)

@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moec.ir.ops import GATED_ACTIVATIONS, _apply_activation, _check, _grads, combine_reference, route_reference
+from moec.ir.ops import GATED_ACTIVATIONS, _apply_activation, _check, _grads, combine_reference, route_weights
+from moec.ir.routing import RouterKind, has_capacity
 
 # ----------------------------------------------------------------------------------------------
 # References
@@ -78,12 +79,21 @@ def gate_reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Router GEMM (when ``router_weight`` is given; else ``x`` is the logits) + ``route`` without
     capacity + per-expert counts."""
+    gate_kind(kind)
     logits = x if router_weight is None else F.linear(x, router_weight, router_bias)
-    weights_TK, idx_TK = route_reference(
-        logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, 0
-    )
+    weights_TK, idx_TK = route_weights(logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize,
+                                       scaling)
     counts_E = torch.bincount(idx_TK.reshape(-1), minlength=logits.shape[-1])
     return weights_TK, idx_TK, counts_E
+
+
+def gate_kind(kind: str) -> RouterKind:
+    """The parsed kind of a ``gate``: any token-choice router without an expert capacity (routes
+    with one keep ``route``/``dispatch``, see ``moec.passes.fuse_gating``)."""
+    rk = RouterKind.parse(kind)
+    _check(not has_capacity(rk, 0), f"gate computes routes without an expert capacity; router kind {kind!r} has one "
+                                     "(expert choice or cf=F): it keeps moec::route / moec::dispatch")
+    return rk
 
 
 def permute_reference(idx_TK: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:

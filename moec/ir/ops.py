@@ -7,8 +7,11 @@ op, so captured forward and backward graphs both show canonical ops.
 
 A layer is ``route -> dispatch -> expert_ffn -> combine`` (plus ``shared_expert``):
 
-- ``route(logits_TE)`` picks ``idx_TK`` and computes ``weights_TK`` (float32). An index of -1
-  marks a slot dropped by an expert-capacity limit; nothing else is ever dropped.
+- ``route(logits_TE)`` picks ``idx_TK`` and computes ``weights_TK`` (float32), as its ``kind``
+  string says (``moec.ir.routing``: token choice with top-k per token, or expert choice with
+  K = E slots per token, one per expert). An index of -1 marks a slot dropped by an expert
+  capacity (or, in expert choice, an expert that did not take the token); nothing else is ever
+  dropped.
 - ``dispatch(idx_TK)`` groups the T*K slots by expert: ``token_N`` (the token of each slot, in
   expert order), ``slot_N`` (its flat t*K+k position) and ``counts_E``. Dropped slots sort last
   and are in no expert's count.
@@ -17,7 +20,7 @@ A layer is ``route -> dispatch -> expert_ffn -> combine`` (plus ``shared_expert`
 - ``combine(y_NH, slot_N, weights_TK)`` is the weighted sum back into token order: ``out_TH``.
 - ``shared_expert(x_TH, w_in, w_out, ...)`` is a dense FFN applied to every token.
 
-Legend: T tokens (any leading dims flattened), H hidden, E experts, K top-k, I expert hidden,
+Legend: T tokens (any leading dims flattened), H hidden, E experts, K top-k (E in expert choice), I expert hidden,
 F = 2I for gated activations else I, N = T*K routed slots.
 
 Weight layouts: ``transposed=False`` stores nn.Linear-style ``w_in [E, F, H]``,
@@ -35,9 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROUTER_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_bias_grouped_topk", "top1")
-GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "clamped_swiglu")
-UNGATED_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+from moec.ir.routing import TOKEN_CHOICE_BASES, RouterKind
+
+# The five token-choice bases; the full vocabulary (modifiers, expert choice) is moec.ir.routing.
+ROUTER_KINDS = TOKEN_CHOICE_BASES
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "clamped_swiglu", "reglu")
+UNGATED_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "relu2")
 ACTIVATIONS = GATED_ACTIVATIONS + UNGATED_ACTIVATIONS
 
 
@@ -51,15 +57,91 @@ def _check(cond: bool, msg: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _group_mask(choice_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
-    """Keep the ``topk_groups`` groups whose two best scores sum highest (DeepSeek-V3)."""
+def _group_mask(choice_TE: Tensor, num_groups: int, topk_groups: int, group_max: bool) -> Tensor:
+    """Keep the ``topk_groups`` groups whose two best scores sum highest (DeepSeek-V3), or whose
+    best score is highest (``group_max``, DeepSeek-V2)."""
     T, E = choice_TE.shape[:-1], choice_TE.shape[-1]
     grouped = choice_TE.reshape(*T, num_groups, E // num_groups)
-    group_score = grouped.topk(min(2, E // num_groups), dim=-1).values.sum(dim=-1)
+    if group_max:
+        group_score = grouped.amax(dim=-1)
+    else:
+        group_score = grouped.topk(min(2, E // num_groups), dim=-1).values.sum(dim=-1)
     keep_group = torch.zeros_like(group_score, dtype=torch.bool)
     keep_group.scatter_(-1, group_score.topk(topk_groups, dim=-1).indices, True)
     keep = keep_group.unsqueeze(-1).expand_as(grouped).reshape(choice_TE.shape)
     return choice_TE.masked_fill(~keep, float("-inf"))
+
+
+def route_scores(logits_f: Tensor, rk: RouterKind) -> Tensor:
+    """What a router's weights are read from, per expert: softmax, sigmoid or the logits."""
+    if rk.scores == "softmax":
+        return logits_f.softmax(dim=-1)
+    if rk.scores == "sigmoid":
+        return logits_f.sigmoid()
+    return logits_f
+
+
+def route_choice(logits_f: Tensor, correction_bias_E: Optional[Tensor], rk: RouterKind, top_k: int, num_groups: int,
+                 topk_groups: int) -> tuple[Tensor, Tensor]:
+    """(scores_TE, idx_TK) of a token-choice router: the top-k of the choice (the scores, plus the
+    correction bias, group-limited), which is piecewise constant and carries no gradient. Every
+    implementation that must pick the same experts (ties included) calls this."""
+    scores_TE = route_scores(logits_f, rk)
+    choice_TE = scores_TE.detach()
+    if correction_bias_E is not None:
+        choice_TE = choice_TE + correction_bias_E.float()
+    if num_groups > 1:
+        choice_TE = _group_mask(choice_TE, num_groups, topk_groups, rk.group_max)
+    return scores_TE, choice_TE.topk(top_k, dim=-1).indices
+
+
+def renormalized(weights_TK: Tensor, pnorm: Optional[float]) -> Tensor:
+    # The epsilon is below one ulp of any sum (or norm) of probabilities, so it only guards 0/0.
+    if pnorm is None:
+        return weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_TK / (torch.linalg.vector_norm(weights_TK, ord=pnorm, dim=-1, keepdim=True) + 1e-20)
+
+
+def route_weights(
+    logits_TE: Tensor,
+    correction_bias_E: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[Tensor, Tensor]:
+    """``route_reference`` before any capacity: (weights [..., K] float32, idx [..., K]). The
+    weights never depend on the capacity, so this is also what the backward differentiates."""
+    rk = RouterKind.parse(kind)
+    E = logits_TE.shape[-1]
+    rk.check(num_experts=E, top_k=top_k, num_groups=num_groups, topk_groups=topk_groups, renormalize=renormalize,
+             has_correction_bias=correction_bias_E is not None)
+    logits_f = logits_TE.float()
+    if rk.expert_choice:
+        scores_TE = route_scores(logits_f, rk)
+        idx_TE = torch.arange(E, device=logits_TE.device).expand(scores_TE.shape)
+        return (scores_TE * scaling if scaling != 1.0 else scores_TE), idx_TE
+    scores_TE, idx_TK = route_choice(logits_f, correction_bias_E, rk, top_k, num_groups, topk_groups)
+    weights_TK = scores_TE.gather(-1, idx_TK)
+    if rk.base == "topk_softmax":
+        weights_TK = weights_TK.softmax(dim=-1)
+    if renormalize:
+        weights_TK = renormalized(weights_TK, rk.pnorm)
+    if scaling != 1.0:
+        weights_TK = weights_TK * scaling
+    return weights_TK, idx_TK
+
+
+def _capacity_position(idx_TK: Tensor, num_experts: int, choice_first: bool) -> Tensor:
+    """Each slot's 1-based arrival position at its expert along dim -2: token by token (t, k), as
+    in Switch Transformers, or all first choices before all second ones (k, t), as in GShard."""
+    onehot_TKE = F.one_hot(idx_TK, num_experts)
+    order = onehot_TKE.transpose(-3, -2) if choice_first else onehot_TKE
+    seen = order.flatten(-3, -2).cumsum(dim=-2).reshape(order.shape)
+    seen_TKE = seen.transpose(-3, -2) if choice_first else seen
+    return (seen_TKE * onehot_TKE).sum(dim=-1)
 
 
 def route_reference(
@@ -73,36 +155,27 @@ def route_reference(
     scaling: float,
     capacity: int,
 ) -> tuple[Tensor, Tensor]:
-    _check(kind in ROUTER_KINDS, f"unknown router kind {kind!r}; expected one of {ROUTER_KINDS}")
+    """``route_weights``, then the expert capacity (fixed, or from ``cf``) sets the idx of the
+    slots past it to -1; for expert choice, each expert keeps its C best tokens."""
+    rk = RouterKind.parse(kind)
+    weights_TK, idx_TK = route_weights(logits_TE, correction_bias_E, kind, top_k, num_groups, topk_groups,
+                                       renormalize, scaling)
     E = logits_TE.shape[-1]
-    _check(1 <= top_k <= E, f"top_k={top_k} must be between 1 and the {E} experts")
-    logits_f = logits_TE.float()
-    if kind == "topk_softmax":
-        top_v_TK, idx_TK = logits_f.topk(top_k, dim=-1)
-        weights_TK = top_v_TK.softmax(dim=-1)
-    elif kind in ("softmax_topk", "top1"):
-        weights_TK, idx_TK = logits_f.softmax(dim=-1).topk(top_k, dim=-1)
-    else:
-        scores_TE = logits_f.sigmoid()
-        choice_TE = scores_TE.detach()
-        if correction_bias_E is not None:
-            choice_TE = choice_TE + correction_bias_E.float()
-        if num_groups > 1:
-            _check(E % num_groups == 0, f"{E} experts do not split into {num_groups} groups")
-            choice_TE = _group_mask(choice_TE, num_groups, topk_groups)
-        idx_TK = choice_TE.topk(top_k, dim=-1).indices
-        weights_TK = scores_TE.gather(-1, idx_TK)
-    if renormalize:
-        # The epsilon is below one ulp of any sum of probabilities, so it only guards 0/0.
-        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-    if scaling != 1.0:
-        weights_TK = weights_TK * scaling
-    if capacity > 0:
-        # Priority is arrival order along the token dim (-2), as in Switch Transformers.
-        onehot_TKE = F.one_hot(idx_TK, E)
-        seen_TKE = onehot_TKE.flatten(-3, -2).cumsum(dim=-2).reshape(onehot_TKE.shape)
-        position_TK = (seen_TKE * onehot_TKE).sum(dim=-1)
-        idx_TK = torch.where(position_TK <= capacity, idx_TK, torch.full_like(idx_TK, -1))
+    if rk.expert_choice or capacity > 0 or rk.capacity_factor is not None:
+        _check(logits_TE.dim() >= 2, f"an expert capacity counts tokens along dim -2; logits are {logits_TE.dim()}-d")
+    T = logits_TE.shape[-2] if logits_TE.dim() >= 2 else 1
+    C = rk.capacity_for(capacity, T, top_k, E)
+    if rk.expert_choice:
+        _check(C > 0, f"router kind {kind!r} needs an expert capacity: capacity > 0 or cf=F in the kind")
+        C = min(C, T)
+        # A stable descending sort along the tokens: ties go to the lower token index.
+        scores_TE = route_scores(logits_TE.detach().float(), rk)
+        taken_CE = torch.sort(scores_TE, dim=-2, descending=True, stable=True).indices.narrow(-2, 0, C)
+        taken_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(-2, taken_CE, True)
+        return weights_TK, torch.where(taken_TE, idx_TK, torch.full_like(idx_TK, -1))
+    if C > 0:
+        position_TK = _capacity_position(idx_TK, E, rk.choice_first)
+        idx_TK = torch.where(position_TK <= C, idx_TK, torch.full_like(idx_TK, -1))
     return weights_TK, idx_TK
 
 
@@ -110,6 +183,8 @@ def _apply_activation(h_MF: Tensor, activation: str, interleaved: bool, alpha: f
     if activation in UNGATED_ACTIVATIONS:
         if activation == "relu":
             return F.relu(h_MF)
+        if activation == "relu2":  # squared ReLU (Nemotron-H, Primer)
+            return torch.square(F.relu(h_MF))
         if activation == "silu":
             return F.silu(h_MF)
         return F.gelu(h_MF, approximate="tanh" if activation == "gelu_tanh" else "none")
@@ -120,6 +195,8 @@ def _apply_activation(h_MF: Tensor, activation: str, interleaved: bool, alpha: f
         gate_MI, up_MI = h_MF.chunk(2, dim=-1)
     if activation == "swiglu":
         return F.silu(gate_MI) * up_MI
+    if activation == "reglu":
+        return F.relu(gate_MI) * up_MI
     if activation == "clamped_swiglu":
         gate_MI = gate_MI.clamp(max=limit)
         up_MI = up_MI.clamp(min=-limit, max=limit)
@@ -236,7 +313,8 @@ def route(
     scaling: float,
     capacity: int,
 ) -> tuple[Tensor, Tensor]:
-    """Top-k expert choice: (weights [..., K] float32, idx [..., K] int64, -1 where dropped)."""
+    """Routing as ``kind`` says (``moec.ir.routing``): (weights [..., K] float32, idx [..., K] int64,
+    -1 where dropped); K is top_k, or E for ``expert_choice``."""
     weights, idx = route_reference(
         logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, capacity
     )
@@ -245,7 +323,7 @@ def route(
 
 @route.register_fake
 def _(logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, capacity):
-    shape = (*logits.shape[:-1], top_k)
+    shape = (*logits.shape[:-1], RouterKind.parse(kind).out_k(top_k, logits.shape[-1]))
     return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int64)
 
 
@@ -264,7 +342,7 @@ def route_backward(
     """Gradient of ``route``'s weights with respect to the logits (the choice is piecewise constant)."""
 
     def weights_of(logits_):
-        return route_reference(logits_, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, 0)[0]
+        return route_weights(logits_, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling)[0]
 
     return _grads(weights_of, grad_weights, [logits])[0]
 

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from moec.ir import ops
+from moec.ir.routing import RouterKind, has_capacity
 
 
 class IRError(ValueError):
@@ -25,12 +26,34 @@ def node_value(x):
     return x.meta.get("val", x.meta.get("example_value")) if isinstance(x, torch.fx.Node) else x
 
 
+def _router_kind(kind):
+    """(RouterKind or None, why not)."""
+    try:
+        return RouterKind.parse(kind), ""
+    except ValueError as err:
+        return None, str(err)
+
+
+def _router_args(rk, num_experts, top_k, num_groups, topk_groups, renormalize, correction_bias):
+    """The kind's own rule on the other router arguments (``RouterKind.check``)."""
+    if rk is None or not isinstance(num_experts, int):
+        return True, ""
+    try:
+        rk.check(num_experts=num_experts, top_k=top_k, num_groups=num_groups, topk_groups=topk_groups,
+                 renormalize=renormalize, has_correction_bias=correction_bias is not None)
+    except ValueError as err:
+        return False, str(err)
+    return True, ""
+
+
 def _route_rules(a):
-    logits, _bias, kind, top_k = node_value(a[0]), a[1], a[2], a[3]
-    yield kind in ops.ROUTER_KINDS, f"router kind {kind!r} is not one of {ops.ROUTER_KINDS}"
+    logits, bias, kind, top_k = node_value(a[0]), a[1], a[2], a[3]
+    rk, why = _router_kind(kind)
+    yield rk is not None, why
     if logits is not None:
         yield logits.is_floating_point(), "logits must be floating point"
         yield 1 <= top_k <= logits.shape[-1], f"top_k {top_k} outside 1..{logits.shape[-1]} experts"
+        yield _router_args(rk, logits.shape[-1], top_k, a[4], a[5], a[6], bias)
 
 
 def _dispatch_rules(a):
@@ -60,11 +83,14 @@ def _combine_rules(a):
 
 def _gate_rules(a):
     x, router_w, kind, top_k = node_value(a[0]), node_value(a[1]), a[4], a[5]
-    yield kind in ops.ROUTER_KINDS, f"router kind {kind!r} is not one of {ops.ROUTER_KINDS}"
+    rk, why = _router_kind(kind)
+    yield rk is not None, why
+    yield rk is None or not has_capacity(rk, 0), f"router kind {kind!r} has an expert capacity: it must stay a route"
     if x is not None:
         E = x.shape[-1] if router_w is None else router_w.shape[0]
         yield x.is_floating_point(), "gate input must be floating point"
         yield 1 <= top_k <= E, f"top_k {top_k} outside 1..{E} experts"
+        yield _router_args(rk, E, top_k, a[6], a[7], a[8], a[3])
         if router_w is not None:
             yield router_w.dim() == 2 and router_w.shape[1] == x.shape[-1], "router weight must be [E, H]"
 

@@ -1,19 +1,20 @@
 """fuse_gating: router GEMM + ``route`` + ``dispatch`` -> ``gate`` + ``permute``.
 
 Contract: for every ``moec::route`` without an expert capacity, the routing becomes one
-``moec::gate`` (softmax or sigmoid, correction bias, group-limited top-k, renormalisation,
+``moec::gate`` (scores, correction bias, group-limited top-k, renormalisation by sum or p-norm,
 scaling and the per-expert counts in one op), and every ``moec::dispatch`` of its choice becomes
 ``moec::permute`` taking the gate's counts. When the logits are ``linear(x, w, b)`` used by the
 route alone, the GEMM moves into the gate too. Returns the graph and the number of routes fused.
 Numerics: preserved; ``gate`` computes exactly the linear and route it replaces.
 
 Preconditions: route nodes are only read through ``getitem`` (as dynamo and AOT graphs do).
-Left alone: routes with a capacity (the drops need the dispatch order; they keep
+Left alone: routes with a capacity (``moec.ir.routing.has_capacity``: a fixed ``capacity``, a
+``cf=F`` kind, or ``expert_choice``; the drops need the dispatch order, so they keep
 ``route``/``dispatch``), and dispatches whose expert count differs from the logits' width.
 
 Pseudo-code::
 
-    for route in routes(capacity == 0):
+    for route in routes if not has_capacity(route.kind, route.capacity):
         x, w, b = linear_args(route.logits) if the logits feed only this route else (logits, None, None)
         gate = moec.gate(x, w, b, route.correction_bias, *route.attrs)
         route[0], route[1] -> gate[0], gate[1]
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from moec.ir.routing import has_capacity
 from moec.ir.verify import moec_op_name, node_value
 from moec.passes.util import getitems, mark, only_getitem_users, op, op_nodes, output
 
@@ -46,7 +48,7 @@ def fuse_gating(gm: torch.fx.GraphModule, example_inputs=None) -> tuple[torch.fx
     graph, changed = gm.graph, 0
     for route in op_nodes(gm, "route"):
         logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, capacity = route.args
-        if capacity != 0 or not only_getitem_users(route):
+        if has_capacity(kind, capacity) or not only_getitem_users(route):
             continue
         fused = _linear_args(logits)
         x, w, b = fused if fused is not None else (logits, None, None)

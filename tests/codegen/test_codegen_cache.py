@@ -71,6 +71,26 @@ def test_invalid_specs_are_rejected():
         KernelSpec(num_experts=6, top_k=1, num_groups=4)
 
 
+def test_router_kind_is_validated_and_canonical():
+    spelled = KernelSpec(router_kind="softmax_topk+pnorm=2", num_experts=8, top_k=2, renormalize=True)
+    assert spelled.router_kind == "softmax_topk+pnorm=2.0"
+    assert spelled == replace(spelled, router_kind="softmax_topk+pnorm=2.0")
+    with pytest.raises(ValueError, match="unknown modifier"):
+        KernelSpec(router_kind="softmax_topk+bogus")
+    with pytest.raises(ValueError, match="needs renormalize=True"):
+        KernelSpec(router_kind="softmax_topk+pnorm=2.0", num_experts=8, top_k=2)
+    with pytest.raises(ValueError, match="fewer than top_k"):
+        KernelSpec(num_experts=8, top_k=3, num_groups=4, topk_groups=1)
+
+
+def test_gate_sub_spec_keeps_groups_and_correction_bias_for_every_base():
+    for kind in ("softmax_topk", "topk_softmax+group_max", "sigmoid_topk"):
+        sub = replace(BASE, router_kind=kind).for_kernel("gate")
+        assert (sub.num_groups, sub.topk_groups, sub.has_correction_bias) == (4, 2, True), kind
+    ungrouped = replace(BASE, router_kind="softmax_topk", num_groups=1, topk_groups=3)
+    assert ungrouped.for_kernel("gate").topk_groups == 1  # meaningless without groups
+
+
 def test_sub_specs_keep_only_their_fields():
     # A different router does not change the FFN kernels, and a different activation not the gate.
     other_router = replace(BASE, router_kind="softmax_topk", num_groups=1, topk_groups=1, has_correction_bias=False)
@@ -128,10 +148,46 @@ def test_activation_source_differs_where_it_should():
 def test_router_source_is_specialised():
     gate = emit_group(BASE, "gate")
     assert gate.count("# group ") == 4 and "tl.static_range(2)" in gate and "wts * 2.5" in gate
-    plain = emit_group(replace(BASE, router_kind="softmax_topk", num_groups=1, scaling=1.0), "gate")
+    # (A correction bias now steers any base's choice, so the plain router has none.)
+    plain = emit_group(replace(BASE, router_kind="softmax_topk", num_groups=1, scaling=1.0, has_correction_bias=False),
+                       "gate")
     assert "# group " not in plain and "cb_ptr + cols" not in plain and "tl.exp(logits" in plain
     assert templates.dot_expr(replace(BASE, target="cuda", dtype="float32"), "a", "b").endswith('"ieee")')
     assert ".to(tl.float32)" in templates.dot_expr(BASE, "a", "b")  # interpreter: upcast
+
+
+def test_router_source_for_the_wider_vocabulary():
+    def gate(kind, **kw):
+        return emit_group(replace(BASE, router_kind=kind, **kw), "gate")
+
+    top2, by_max = gate("sigmoid_bias_grouped_topk"), gate("sigmoid_bias_grouped_topk+group_max")
+    assert top2.count("m2 = ") == 4 and "m2 = " not in by_max and by_max.count("gscore = tl.where(in_g") == 4
+    softmax_groups = gate("softmax_topk")
+    assert "tl.exp(logits" in softmax_groups and "cb_ptr + cols" in softmax_groups and "# group 3" in softmax_groups
+    assert "tl.sigmoid(logits)" not in softmax_groups
+    assert "score = logits" in gate("topk_softmax")
+    assert "tl.sqrt(tl.sum(wts * wts, 1))" in gate("softmax_topk+pnorm=2.0")
+    assert "tl.exp(1.5 * tl.log(" in gate("softmax_topk+pnorm=1.5")
+    assert "tl.sum(wts, 1)" in gate("softmax_topk") and "tl.sqrt" not in gate("softmax_topk")
+
+
+@pytest.mark.parametrize("kind", ["top1+cf=1.25", "expert_choice+cf=1.0"])
+def test_capacity_routers_have_no_gate_kernel(kind):
+    """Routes with an expert capacity stay route/dispatch: their gate module is empty, the other
+    groups (and the layer source) are generated as for any layer."""
+    spec = replace(BASE, router_kind=kind, num_groups=1, topk_groups=1, renormalize=False, has_correction_bias=False)
+    gate = emit_group(spec, "gate")
+    assert not [n for n in ast.parse(gate).body if isinstance(n, ast.FunctionDef)]
+    assert "has an expert capacity" in gate
+    assert "moec_grouped_gemm_act_kernel" in layer_source(spec)
+
+
+def test_relu_based_activation_sources():
+    relu2, reglu = _act_expr("relu2"), _act_expr("reglu")
+    assert "act = r * r" in relu2 and "acc_u" not in relu2
+    assert "act = tl.maximum(g, 0.0) * u" in reglu and "acc_u" in reglu
+    bwd = emit_group(replace(BASE, activation="relu2"), "activation")
+    assert "d_h = tl.where(h > 0.0, 2.0 * h * go, 0.0)" in bwd
 
 
 # ----------------------------------------------------------------------------------------------

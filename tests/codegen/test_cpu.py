@@ -161,20 +161,26 @@ def test_activations(activation, interleaved):
 
 
 GATE_CASES = {
-    # kind -> (top_k, num_groups, topk_groups, correction bias, renormalize, scaling)
-    "softmax_topk": (2, 1, 1, False, True, 1.5),
-    "topk_softmax": (2, 1, 1, False, False, 1.0),
-    "sigmoid_topk": (3, 1, 1, False, True, 1.0),
-    "sigmoid_bias_grouped_topk": (4, 4, 2, True, True, 2.5),
-    "top1": (1, 1, 1, False, False, 1.0),
+    # id -> (kind, top_k, num_groups, topk_groups, correction bias, renormalize, scaling)
+    "softmax_topk": ("softmax_topk", 2, 1, 1, False, True, 1.5),
+    "topk_softmax": ("topk_softmax", 2, 1, 1, False, False, 1.0),
+    "sigmoid_topk": ("sigmoid_topk", 3, 1, 1, False, True, 1.0),
+    "sigmoid_bias_grouped_topk": ("sigmoid_bias_grouped_topk", 4, 4, 2, True, True, 2.5),
+    "top1": ("top1", 1, 1, 1, False, False, 1.0),
+    # The wider vocabulary: groups and correction biases on every base, group_max, p-norms.
+    "softmax_groups_bias_group_max": ("softmax_topk+group_max", 3, 4, 2, True, True, 1.0),
+    "softmax_pnorm2": ("softmax_topk+pnorm=2.0", 2, 1, 1, False, True, 1.0),
+    "topk_softmax_groups_bias_pnorm": ("topk_softmax+pnorm=1.5", 2, 2, 1, True, True, 2.0),
+    "top1_bias": ("top1", 1, 1, 1, True, False, 1.0),
+    "sigmoid_group_max_pnorm3": ("sigmoid_bias_grouped_topk+group_max+pnorm=3.0", 4, 4, 2, True, True, 2.5),
 }
-assert set(GATE_CASES) == set(ROUTER_KINDS)
+assert {case[0] for case in GATE_CASES.values()} >= set(ROUTER_KINDS)
 
 
 @pytest.mark.parametrize("router", ["router_weight", "router_weight_bias", "logits"])
-@pytest.mark.parametrize("kind", sorted(GATE_CASES))
-def test_gate(kind, router):
-    top_k, groups, topk_groups, corr, renorm, scaling = GATE_CASES[kind]
+@pytest.mark.parametrize("case", sorted(GATE_CASES))
+def test_gate(case, router):
+    kind, top_k, groups, topk_groups, corr, renorm, scaling = GATE_CASES[case]
     T, H, E = 10, 16, 8
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, T // 2, H if router != "logits" else E, generator=g)
@@ -192,6 +198,19 @@ def test_gate(kind, router):
     for i, gm, gr in zip((0, 1, 2), grads(w, leaves[:3], cot), grads(w_ref, ref_leaves[:3], cot)):
         if gr is not None:
             assert_scaled_close(gm, gr, REL_TOL["bwd"], f"gate grad of arg {i}")
+
+
+def test_gate_refuses_routes_with_a_capacity():
+    with pytest.raises(ValueError, match="keeps moec::route"):
+        torch.ops.moec_cpu.gate(torch.randn(4, 8), None, None, None, "softmax_topk+cf=1.25", 2, 1, 1, False, 1.0)
+
+
+def test_native_kernels_know_every_activation():
+    from moec.codegen import cpu_native
+
+    assert set(cpu_native.ACT_CODES) == set(ACTIVATIONS)
+    gated = {a for a, code in cpu_native.ACT_CODES.items() if code <= 3 or code == 8}  # the C++ is_gated rule
+    assert gated == set(GATED_ACTIVATIONS)
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -258,6 +277,10 @@ def _opcheck_cases():
         "gate": (ops.gate, (x, rw, None, None, "softmax_topk", K, 1, 1, True, 1.0)),
         "gate_grouped": (ops.gate, (x, rw, None, torch.randn(E, generator=g), "sigmoid_bias_grouped_topk", K, 2, 1,
                                     True, 2.0)),
+        "gate_group_max_pnorm": (ops.gate, (x, rw, None, torch.randn(E, generator=g),
+                                            "softmax_topk+group_max+pnorm=2.0", K, 2, 1, True, 1.0)),
+        "activation_relu2": (ops.activation, (h, "relu2", False, 1.0, 7.0)),
+        "activation_reglu": (ops.activation, (h, "reglu", True, 1.0, 7.0)),
         "permute": (ops.permute, (idx_TK, torch.bincount(idx_TK.reshape(-1), minlength=E))),
         "grouped_gemm": (ops.grouped_gemm, (x, token_N, counts_E, w_in, b_in, False)),
         "activation": (ops.activation, (h, "swiglu", False, 1.702, 7.0)),
@@ -284,6 +307,8 @@ def test_backward_ops_opcheck():
     ops = torch.ops.moec_cpu
     for op, args in [
         (ops.gate_backward, (torch.randn(T, K, generator=g), x, rw, None, None, "softmax_topk", K, 1, 1, True, 1.0)),
+        (ops.gate_backward, (torch.randn(T, K, generator=g), x, rw, None, torch.randn(E, generator=g),
+                             "topk_softmax+group_max+pnorm=2.0", K, 2, 1, True, 1.0)),
         (ops.grouped_gemm_backward, (torch.randn(T * K, 2 * I, generator=g), x, token_N, counts_E, w_in, b_in, False)),
         (ops.activation_backward, (torch.randn(T * K, I, generator=g), h, "swiglu", False, 1.702, 7.0)),
         (ops.grouped_gemm_act_backward_input, (torch.randn(T * K, I, generator=g), x, token_N, counts_E, w_in, b_in,

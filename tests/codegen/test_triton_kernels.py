@@ -24,6 +24,7 @@ import torch
 
 import moec.ir.lowered  # noqa: F401  (the moec:: oracle ops)
 from moec.ir.ops import ACTIVATIONS, GATED_ACTIVATIONS, ROUTER_KINDS
+from moec.ir.routing import RouterKind
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
@@ -115,6 +116,18 @@ SHAPES = [
     pytest.param(40, 32, 24, 4, 2, "random", id="multi_tile"),
 ]
 
+# The ReLU-based activations take two corners of the table each (plain; transposed, interleaved
+# when gated, with bias), not all of it: their epilogues differ from the others' only in the
+# expression, which the two corners run forward and backward.
+_CORNERS_ONLY = ("relu2", "reglu")
+
+
+def _in_table(act, transposed, interleaved, bias):
+    if act not in _CORNERS_ONLY:
+        return True
+    return transposed == bias and interleaved == (transposed and act in GATED_ACTIVATIONS)
+
+
 ACT_CASES = [
     pytest.param(act, transposed, interleaved, bias, id=f"{act}-{'T' if transposed else 'N'}"
                  f"{'-il' if interleaved else ''}{'-bias' if bias else ''}")
@@ -122,6 +135,7 @@ ACT_CASES = [
     for transposed in (False, True)
     for interleaved in ((False, True) if act in GATED_ACTIVATIONS else (False,))
     for bias in (False, True)
+    if _in_table(act, transposed, interleaved, bias)
 ]
 
 
@@ -280,14 +294,20 @@ GATE_CASES = [
     ("sigmoid_bias_grouped_topk", 16, 3, 8, 3, True, False, False, True, 1.0),
     ("sigmoid_bias_grouped_topk", 12, 2, 4, 1, False, True, False, False, 1.0),
     ("sigmoid_bias_grouped_topk", 8, 2, 8, 3, True, True, False, True, 1.0),  # groups of one expert
+    # The wider vocabulary: groups and correction biases on every base, group_max, p-norms.
+    ("softmax_topk+group_max", 8, 3, 4, 2, True, True, False, True, 1.0),
+    ("topk_softmax+pnorm=2.0", 8, 2, 2, 1, True, False, False, True, 1.5),
+    ("top1", 5, 1, 1, 1, True, True, False, False, 1.0),
+    ("sigmoid_bias_grouped_topk+group_max+pnorm=1.5", 16, 4, 4, 2, True, True, False, True, 2.5),
 ]
+assert {RouterKind.parse(case[0]).base for case in GATE_CASES} == set(ROUTER_KINDS)
 
 
 @pytest.mark.parametrize("T", [1, 19])
-@pytest.mark.parametrize("case", GATE_CASES, ids=lambda c: f"{c[0]}-E{c[1]}-k{c[2]}-g{c[3]}")
+@pytest.mark.parametrize("case", GATE_CASES, ids=lambda c: f"{c[0]}-E{c[1]}-k{c[2]}-g{c[3]}{'-cb' if c[5] else ''}")
 def test_gate(case, T):
     kind, E, K, G, TG, has_cb, has_w, has_b, renorm, scaling = case
-    assert kind in ROUTER_KINDS
+    RouterKind.parse(kind)
     H = 24
     x = rand(T, H if has_w else E, grad=True)
     rw = rand(E, H, scale=H ** -0.5, grad=True) if has_w else None
@@ -368,6 +388,7 @@ def _opcheck_cases():
     rw = rand(E, H, grad=True)
     return {
         "gate": (x, rw, None, None, "softmax_topk", K, 1, 1, True, 1.0),
+        "gate_bias_pnorm": (x, rw, None, rand(E, scale=0.1), "topk_softmax+pnorm=2.0", K, 1, 1, True, 1.0),
         "permute": (idx, counts),
         "grouped_gemm": (x, token, counts, w_in, None, False),
         "activation": (rand(T, 2 * I, grad=True), "geglu", True, 1.0, 7.0),
@@ -376,11 +397,11 @@ def _opcheck_cases():
     }
 
 
-@pytest.mark.parametrize("name", ["gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act",
-                                  "grouped_gemm_combine"])
+@pytest.mark.parametrize("name", ["gate", "gate_bias_pnorm", "permute", "grouped_gemm", "activation",
+                                  "grouped_gemm_act", "grouped_gemm_combine"])
 def test_opcheck(name):
     args = _opcheck_cases()[name]
-    torch.library.opcheck(getattr(ops(), name).default, args)
+    torch.library.opcheck(getattr(ops(), name.removesuffix("_bias_pnorm")).default, args)
 
 
 def _backward_cases():
