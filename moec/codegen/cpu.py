@@ -45,7 +45,8 @@ from torch import Tensor
 from moec.codegen import cpu_native
 from moec.ir.lowered import (BACKWARD_OPS, FAKES, LOWERED_OPS, act_width, gate_kind, gate_reference, out_rows,
                               out_width, permute_reference, register_autograd)
-from moec.ir.ops import GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check, route_choice
+from moec.ir.ops import (GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check, check_activation_attrs,
+                         route_choice)
 
 # oneDNN's bf16 linear needs AVX512-BF16/AMX; on other CPUs (AVX2 EPYCs) it refuses to build.
 _ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
@@ -165,6 +166,20 @@ def _act_into(h_MF: Tensor, out_MI: Tensor, activation: str, interleaved: bool, 
         gate_MI.mul_(torch.sigmoid(gate_MI * alpha))
         up_MI.add_(1)
         torch.mul(up_MI, gate_MI, out=out_MI)
+    elif activation == "swiglu_limit":
+        # The SiLU of the clamped copy, as the reference takes it: on a contiguous tensor SiLU
+        # runs vectorised, on the strided half in place it does not, and the two round differently.
+        silu_MI = torch.ops.aten.silu_(gate_MI.clamp(max=limit))
+        torch.mul(silu_MI, up_MI.clamp_(min=-limit, max=limit), out=out_MI)
+    elif activation == "swiglu_limit_post":
+        torch.ops.aten.silu_(gate_MI).clamp_(max=limit)
+        up_MI.clamp_(min=-limit, max=limit)
+        torch.mul(gate_MI, up_MI, out=out_MI)
+    elif activation == "softcap_swiglu":
+        sig_MI = torch.sigmoid(gate_MI)  # of the raw gate, before it is capped in place
+        gate_MI.div_(alpha).tanh_().mul_(alpha).mul_(sig_MI)
+        up_MI.div_(limit).tanh_().mul_(limit)
+        torch.mul(gate_MI, up_MI, out=out_MI)
     else:
         torch.ops.aten.gelu_(gate_MI, approximate="tanh" if activation == "geglu_tanh" else "none")
         torch.mul(gate_MI, up_MI, out=out_MI)
@@ -176,23 +191,50 @@ def _act_grad(grad_MI: Tensor, h_MF: Tensor, activation: str, interleaved: bool,
         return grad_MI * (h_MF > 0)
     if activation == "relu2":  # d relu(h)^2 / dh = 2 relu(h)
         return grad_MI * (2 * h_MF.clamp_min(0))
-    if activation in ("swiglu", "reglu"):
-        gate_MI, up_MI = _halves(h_MF, interleaved)
-        if activation == "reglu":
-            d_up_MI = grad_MI * gate_MI.clamp_min(0)
-            d_gate_MI = grad_MI * up_MI * (gate_MI > 0)
-        else:
-            sig_MI = torch.sigmoid(gate_MI)
-            silu_MI = gate_MI * sig_MI
-            d_up_MI = grad_MI * silu_MI
-            # d silu(g) / dg = s + g s (1 - s) = s (1 + g (1 - s))
-            d_gate_MI = grad_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
+    if activation in _HAND_WRITTEN_GATED:
+        d_gate_MI, d_up_MI = _gated_grad(grad_MI, *_halves(h_MF, interleaved), activation, alpha, limit)
         if interleaved:
             return torch.stack([d_gate_MI, d_up_MI], dim=-1).reshape(h_MF.shape)
         return torch.cat([d_gate_MI, d_up_MI], dim=-1)
     # The others are rarer; the vjp of the reference activation alone is elementwise and cheap.
     _, vjp_fn = torch.func.vjp(lambda h_: _apply_activation(h_, activation, interleaved, alpha, limit), h_MF)
     return vjp_fn(grad_MI.to(h_MF.dtype))[0]
+
+
+_HAND_WRITTEN_GATED = ("swiglu", "reglu", "swiglu_limit", "swiglu_limit_post", "softcap_swiglu")
+
+
+def _gated_grad(grad_MI: Tensor, gate_MI: Tensor, up_MI: Tensor, activation: str, alpha: float,
+                limit: float) -> tuple[Tensor, Tensor]:
+    """(d_gate, d_up) of a gated activation. The clamps pass the gradient where their input lies
+    within the bounds, ends included, and stop it outside, as torch.clamp's autograd does."""
+    if activation == "reglu":
+        return grad_MI * up_MI * (gate_MI > 0), grad_MI * gate_MI.clamp_min(0)
+    if activation == "softcap_swiglu":
+        check_activation_attrs(activation, alpha, limit)
+        # c = a tanh(g / a), v = l tanh(u / l), out = c sigmoid(g) v:
+        # d_g = v (c' s + c s (1 - s)) with c' = 1 - tanh^2;  d_u = c s v' with v' = 1 - tanh^2
+        tg_MI, tu_MI, sig_MI = torch.tanh(gate_MI / alpha), torch.tanh(up_MI / limit), torch.sigmoid(gate_MI)
+        cap_g_MI = alpha * tg_MI
+        d_gate_MI = grad_MI * (limit * tu_MI) * ((1 - tg_MI * tg_MI) * sig_MI + cap_g_MI * sig_MI * (1 - sig_MI))
+        return d_gate_MI, grad_MI * cap_g_MI * sig_MI * (1 - tu_MI * tu_MI)
+    if activation == "swiglu":
+        sig_MI = torch.sigmoid(gate_MI)
+        # d silu(g) / dg = s + g s (1 - s) = s (1 + g (1 - s))
+        return grad_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI)), grad_MI * (gate_MI * sig_MI)
+    in_up_MI = (up_MI >= -limit) & (up_MI <= limit)
+    up_c_MI = up_MI.clamp(min=-limit, max=limit)
+    if activation == "swiglu_limit":
+        g_c_MI = gate_MI.clamp(max=limit)
+        sig_MI = torch.sigmoid(g_c_MI)
+        d_gate_MI = grad_MI * up_c_MI * sig_MI * (1 + g_c_MI * (1 - sig_MI))
+        return torch.where(gate_MI <= limit, d_gate_MI, 0), torch.where(in_up_MI, grad_MI * (g_c_MI * sig_MI), 0)
+    # swiglu_limit_post: the clamp acts on the SiLU's output, computed as the forward does (F.silu),
+    # so that an output exactly at the limit passes the gradient in both.
+    sig_MI, silu_MI = torch.sigmoid(gate_MI), F.silu(gate_MI)
+    d_gate_MI = grad_MI * up_c_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
+    return (torch.where(silu_MI <= limit, d_gate_MI, 0),
+            torch.where(in_up_MI, grad_MI * silu_MI.clamp(max=limit), 0))
 
 
 def _input_grad(d_h_MO: Tensor, w_e: Tensor, transposed: bool) -> Tensor:
@@ -298,8 +340,9 @@ def gate_backward(
     """Gradients for (x, router_weight, router_bias); an empty tensor for an absent one.
 
     Written out: the top-k choice is piecewise constant, so the gradient flows through the chosen
-    scores only (softmax / sigmoid / the logits, then the softmax over the k of ``topk_softmax``,
-    renormalisation by sum or p-norm, and scaling); the router GEMM's gradient is two GEMMs."""
+    scores only (softmax / sigmoid / sqrt(softplus) / the logits, then the softmax over the k of
+    ``topk_softmax``, renormalisation by sum or p-norm, and scaling); the router GEMM's gradient
+    is two GEMMs."""
     x_TH = x.reshape(-1, x.shape[-1])
     logits_TE = x_TH if router_weight is None else F.linear(x_TH, router_weight, router_bias)
     d_logits_TE = _route_grad(grad_weights.reshape(-1, top_k).float(), logits_TE, correction_bias, kind, top_k,
@@ -341,6 +384,12 @@ def _route_grad(d_out_TK: Tensor, logits_TE: Tensor, correction_bias: Optional[T
     d_probs_TE = torch.zeros_like(logits_f).scatter_add_(-1, idx_TK, d_TK)
     if rk.scores == "softmax":
         return probs_TE * (d_probs_TE - (d_probs_TE * probs_TE).sum(dim=-1, keepdim=True))
+    if rk.scores == "sqrtsoftplus":
+        # d sqrt(softplus(z)) / dz = softplus'(z) / (2 sqrt(softplus(z))), softplus' = sigmoid below
+        # torch's threshold (20) and 1 above it. An unchosen expert (d = 0) gets 0 even where its
+        # score underflowed to 0 (z < -103), where the reference's autograd would give 0/0.
+        d_sp_TE = torch.where(logits_f > 20, 1.0, torch.sigmoid(logits_f))
+        return torch.where(d_probs_TE != 0, d_probs_TE * d_sp_TE / (2 * probs_TE), 0.0)
     return d_probs_TE * probs_TE * (1 - probs_TE)
 
 
@@ -400,6 +449,7 @@ def grouped_gemm_backward(
 @torch.library.custom_op("moec_cpu::activation", mutates_args=())
 def activation(h: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> Tensor:
     """The expert activation on [rows, F]: [rows, I] (gated) or [rows, F]."""
+    check_activation_attrs(activation, alpha, limit)
     h_MF = h.reshape(-1, h.shape[-1])
     out_MI = h.new_empty(h_MF.shape[0], act_width(h.shape[-1], activation))
     # Gated activations overwrite their input's halves; the op's input is not ours to clobber.
@@ -436,6 +486,7 @@ def grouped_gemm_act(
 ) -> Tensor:
     """``activation(grouped_gemm(x, token_idx, counts, w_in, b_in))`` in one op: the [M, F]
     intermediate of each expert lives only while that expert runs."""
+    check_activation_attrs(activation, alpha, limit)
     spans, total = _spans(counts)
     native = _native_for(spans, x, w_in, b_in, transposed)
     if native is not None:

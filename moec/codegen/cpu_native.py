@@ -32,9 +32,9 @@ import hashlib
 import os
 from typing import Optional
 
-# Gated activations are the codes below 4 and 8; the others are ungated.
+# Gated activations are the codes below 4, 8, and 10 and up; the others (4-7, 9) are ungated.
 ACT_CODES = {"swiglu": 0, "geglu": 1, "geglu_tanh": 2, "clamped_swiglu": 3, "relu": 4, "gelu": 5, "gelu_tanh": 6,
-             "silu": 7, "reglu": 8, "relu2": 9}
+             "silu": 7, "reglu": 8, "relu2": 9, "swiglu_limit": 10, "swiglu_limit_post": 11, "softcap_swiglu": 12}
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -66,12 +66,17 @@ inline float ungated(int act, float h) {
   }
 }
 
+inline float clamp_up(float u, float limit) { return std::max(std::min(u, limit), -limit); }
+
 inline float gated(int act, float g, float u, float alpha, float limit) {
   switch (act) {
     case 0: return silu(g) * u;
     case 1: return gelu(g) * u;
     case 2: return gelu_tanh(g) * u;
     case 8: return (g > 0.f ? g : 0.f) * u;
+    case 10: return silu(std::min(g, limit)) * clamp_up(u, limit);
+    case 11: return std::min(silu(g), limit) * clamp_up(u, limit);
+    case 12: return (alpha * std::tanh(g / alpha)) * (1.f / (1.f + std::exp(-g))) * (limit * std::tanh(u / limit));
     default: {
       g = std::min(g, limit);
       u = std::max(std::min(u, limit), -limit);
@@ -88,7 +93,7 @@ torch::Tensor gemv_act(torch::Tensor x, torch::Tensor token, torch::Tensor spans
                        int64_t act, bool interleaved, double alpha, double limit, int64_t N) {
   const int64_t D = x.size(1), F = w.size(1);
   const int64_t* tk = token.numel() ? token.data_ptr<int64_t>() : nullptr;
-  const bool is_gated = act <= 3 || act == 8;
+  const bool is_gated = act <= 3 || act == 8 || act >= 10;
   const int64_t I = is_gated ? F / 2 : F;
   auto out = torch::zeros({N, I}, x.options());
   const float* xp = x.data_ptr<float>();

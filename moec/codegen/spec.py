@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, fields, replace
 
-from moec.ir.ops import ACTIVATIONS, GATED_ACTIVATIONS
+from moec.ir.ops import ACTIVATION_ATTRS, ACTIVATIONS, GATED_ACTIVATIONS, check_activation_attrs
 from moec.ir.routing import RouterKind
 
 # Bump when any template in ``moec.codegen.templates`` changes what it generates.
@@ -94,6 +94,7 @@ class KernelSpec:
         object.__setattr__(self, "router_kind", str(RouterKind.parse(self.router_kind)))
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"moec: unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        check_activation_attrs(self.activation, self.alpha, self.limit)
         if self.dtype not in DTYPES:
             raise ValueError(f"moec: dtype {self.dtype!r} has no Triton kernels; expected one of {DTYPES}")
         if self.target not in TARGETS:
@@ -124,8 +125,8 @@ class KernelSpec:
             raise ValueError(f"moec: unknown kernel group {group!r}; expected one of {KERNEL_GROUPS}")
         keep = set(_GROUP_FIELDS[group]) | {"target"}
         if group == "activation" or group == "grouped_gemm_act":
-            if self.activation != "clamped_swiglu":  # alpha/limit only appear in that expression
-                keep -= {"alpha", "limit"}
+            # alpha / limit only appear in the expressions of the activations that read them
+            keep -= {"alpha", "limit"} - set(ACTIVATION_ATTRS.get(self.activation, ()))
             if not self.gated:
                 keep -= {"interleaved"}
         if group == "gate" and self.num_groups <= 1:  # topk_groups only means something with groups

@@ -87,6 +87,39 @@ def _gelu_tanh(v: str) -> str:
     return f"{v} * tl.sigmoid({2 * GELU_TANH_C!r} * ({v} + 0.044715 * {v} * {v} * {v}))"
 
 
+def _tanh(v: str, out: str) -> str:
+    """Statements setting ``out = tanh(v)`` (no tanh in tl): ``(1 - e) / (1 + e)`` with
+    ``e = exp(-2|v|)``, which cannot overflow, and below |v| = 1/4, where ``1 - e`` would cancel
+    (as ``2 sigmoid(2v) - 1`` does), its Taylor series to v^9. Within 4 fp32 ulps of tanh
+    throughout (checked against float64 on a dense grid). Temporaries are named after ``out``."""
+    c3, c5, c7, c9 = (repr(c) for c in (-1 / 3, 2 / 15, -17 / 315, 62 / 2835))
+    return (f"{out}_v = {v}\n"
+            f"{out}_a = tl.abs({out}_v)\n"
+            f"{out}_e = tl.exp(-2.0 * {out}_a)\n"
+            f"{out}_v2 = {out}_v * {out}_v\n"
+            f"{out}_series = {out}_v * (1.0 + {out}_v2 * ({c3} + {out}_v2 * ({c5} + {out}_v2 * ({c7} + {out}_v2 * "
+            f"{c9}))))\n"
+            f"{out}_big = (1.0 - {out}_e) / (1.0 + {out}_e)\n"
+            f"{out} = tl.where({out}_a < 0.25, {out}_series, tl.where({out}_v < 0.0, -{out}_big, {out}_big))")
+
+
+def _limit_clamps(spec: KernelSpec) -> str:
+    """``u_c``: up clamped to [-limit, limit]; ``in_u``: where that clamp passes the gradient."""
+    lim = _lit(spec.limit)
+    return (f"u_c = tl.minimum(tl.maximum(u, -{lim}), {lim})\n"
+            f"in_u = (u >= -{lim}) & (u <= {lim})")
+
+
+def _softcaps(spec: KernelSpec) -> str:
+    """``t_g = tanh(g / alpha)``, ``t_u = tanh(u / limit)``, ``c = alpha t_g`` (the capped linear
+    gate factor), ``v = limit t_u`` (the capped up), ``s = sigmoid(g)`` (of the raw gate)."""
+    alpha, lim = _lit(spec.alpha), _lit(spec.limit)
+    return (_tanh(f"g / {alpha}", "t_g") + "\n" + _tanh(f"u / {lim}", "t_u") + "\n"
+            f"c = {alpha} * t_g\n"
+            f"v = {lim} * t_u\n"
+            "s = tl.sigmoid(g)")
+
+
 def activation_forward(spec: KernelSpec) -> str:
     """Statements that set ``act`` from ``g``/``u`` (gated) or ``h`` (ungated)."""
     a = spec.activation
@@ -103,6 +136,14 @@ def activation_forward(spec: KernelSpec) -> str:
         return (f"g_c = tl.minimum(g, {lim})\n"
                 f"u_c = tl.minimum(tl.maximum(u, -{lim}), {lim})\n"
                 f"act = (u_c + 1.0) * (g_c * tl.sigmoid(g_c * {alpha}))")
+    if a == "swiglu_limit":
+        return (f"g_c = tl.minimum(g, {_lit(spec.limit)})\n" + _limit_clamps(spec) + "\n"
+                "act = g_c * tl.sigmoid(g_c) * u_c")
+    if a == "swiglu_limit_post":
+        return (f"a_c = tl.minimum(g * tl.sigmoid(g), {_lit(spec.limit)})\n" + _limit_clamps(spec) + "\n"
+                "act = a_c * u_c")
+    if a == "softcap_swiglu":
+        return _softcaps(spec) + "\nact = c * s * v"
     if a == "relu":
         return "act = tl.maximum(h, 0.0)"
     if a == "relu2":
@@ -149,6 +190,24 @@ def activation_backward(spec: KernelSpec) -> str:
                 f"s = tl.sigmoid(g_c * {alpha})\n"
                 f"d_u = tl.where((u >= -{lim}) & (u <= {lim}), go * g_c * s, 0.0)\n"
                 f"d_g = tl.where(g <= {lim}, go * (u_c + 1.0) * (s + {alpha} * g_c * s * (1.0 - s)), 0.0)")
+    if a == "swiglu_limit":
+        # As torch.clamp's autograd: the gradient passes within the bounds, ends included.
+        lim = _lit(spec.limit)
+        return (f"g_c = tl.minimum(g, {lim})\n" + _limit_clamps(spec) + "\n"
+                "s = tl.sigmoid(g_c)\n"
+                "d_u = tl.where(in_u, go * g_c * s, 0.0)\n"
+                f"d_g = tl.where(g <= {lim}, go * u_c * s * (1.0 + g_c * (1.0 - s)), 0.0)")
+    if a == "swiglu_limit_post":
+        lim = _lit(spec.limit)
+        return ("s = tl.sigmoid(g)\n"
+                "silu_g = g * s\n" + _limit_clamps(spec) + "\n"
+                f"d_u = tl.where(in_u, go * tl.minimum(silu_g, {lim}), 0.0)\n"
+                f"d_g = tl.where(silu_g <= {lim}, go * u_c * s * (1.0 + g * (1.0 - s)), 0.0)")
+    if a == "softcap_swiglu":
+        # d (c s v) / dg = v (c' s + c s (1 - s)), c' = 1 - t_g^2;  d / du = c s v', v' = 1 - t_u^2
+        return (_softcaps(spec) + "\n"
+                "d_g = go * v * ((1.0 - t_g * t_g) * s + c * s * (1.0 - s))\n"
+                "d_u = go * c * s * (1.0 - t_u * t_u)")
     if a == "relu":
         return "d_h = tl.where(h > 0.0, go, 0.0)"
     if a == "relu2":
@@ -242,6 +301,8 @@ def _router_scores(spec: KernelSpec) -> str:
                 "score = p / tl.sum(p, 1)[:, None]\n")
     elif scores == "sigmoid":
         text = "score = tl.sigmoid(logits)\n"
+    elif scores == "sqrtsoftplus":
+        text = _sqrt_softplus()
     else:
         text = "score = logits\n"
     if spec.has_correction_bias:
@@ -252,6 +313,19 @@ def _router_scores(spec: KernelSpec) -> str:
     if spec.num_groups > 1:
         text += _group_limit(spec)
     return text
+
+
+def _sqrt_softplus() -> str:
+    """``score = sqrt(softplus(logits))`` as torch's softplus (beta 1): the logit itself above the
+    threshold 20, else ``log1p(exp(z)) = max(z, 0) + log1p(exp(-|z|))``, with log1p (not in tl)
+    by ``log(w) * y / (w - 1)``, w = 1 + y (Goldberg's correction, a few ulps), and y where w
+    rounds to 1. So a very negative logit keeps its tiny positive score (exp(z)), as in torch,
+    instead of a 0 that would tie it with the others. Padding columns (-inf) score 0."""
+    return ("sp_y = tl.exp(-tl.abs(logits))\n"
+            "sp_w = 1.0 + sp_y\n"
+            "sp_l1p = tl.where(sp_w == 1.0, sp_y, tl.log(sp_w) * sp_y / tl.where(sp_w == 1.0, 1.0, sp_w - 1.0))\n"
+            "sp = tl.where(logits > 20.0, logits, tl.maximum(logits, 0.0) + sp_l1p)\n"
+            "score = tl.sqrt_rn(sp)\n")  # IEEE-rounded, as torch.sqrt
 
 
 def _renormalize(spec: KernelSpec) -> str:

@@ -92,7 +92,7 @@ def gate_kind(kind: str) -> RouterKind:
     with one keep ``route``/``dispatch``, see ``moec.passes.fuse_gating``)."""
     rk = RouterKind.parse(kind)
     _check(not has_capacity(rk, 0), f"gate computes routes without an expert capacity; router kind {kind!r} has one "
-                                     "(expert choice or cf=F): it keeps moec::route / moec::dispatch")
+                                     "(expert choice, cf=F or renorm_kept): it keeps moec::route / moec::dispatch")
     return rk
 
 

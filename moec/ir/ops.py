@@ -32,6 +32,7 @@ without the leading E.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -40,16 +41,28 @@ from torch import Tensor
 
 from moec.ir.routing import TOKEN_CHOICE_BASES, RouterKind
 
-# The five token-choice bases; the full vocabulary (modifiers, expert choice) is moec.ir.routing.
+# The token-choice bases; the full vocabulary (modifiers, expert choice) is moec.ir.routing.
 ROUTER_KINDS = TOKEN_CHOICE_BASES
-GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "clamped_swiglu", "reglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "clamped_swiglu", "reglu", "swiglu_limit",
+                     "swiglu_limit_post", "softcap_swiglu")
 UNGATED_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "relu2")
 ACTIVATIONS = GATED_ACTIVATIONS + UNGATED_ACTIVATIONS
+# The expert ops' ``alpha`` / ``limit`` attributes each activation reads; the others ignore them.
+ACTIVATION_ATTRS = {"clamped_swiglu": ("alpha", "limit"), "swiglu_limit": ("limit",),
+                    "swiglu_limit_post": ("limit",), "softcap_swiglu": ("alpha", "limit")}
 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(f"moec: {msg}")
+
+
+def check_activation_attrs(activation: str, alpha: float, limit: float) -> None:
+    """``softcap_swiglu`` divides by its caps (``alpha`` for the gate, ``limit`` for up): both must
+    be positive and finite. The clamps take any limit (``inf``: no clamp)."""
+    if activation == "softcap_swiglu":
+        _check(0 < alpha < math.inf and 0 < limit < math.inf,
+               f"softcap_swiglu needs positive finite softcaps, got alpha={alpha} (gate) and limit={limit} (up)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,11 +86,14 @@ def _group_mask(choice_TE: Tensor, num_groups: int, topk_groups: int, group_max:
 
 
 def route_scores(logits_f: Tensor, rk: RouterKind) -> Tensor:
-    """What a router's weights are read from, per expert: softmax, sigmoid or the logits."""
+    """What a router's weights are read from, per expert: softmax, sigmoid, sqrt(softplus) or the
+    logits."""
     if rk.scores == "softmax":
         return logits_f.softmax(dim=-1)
     if rk.scores == "sigmoid":
         return logits_f.sigmoid()
+    if rk.scores == "sqrtsoftplus":  # DeepSeek-V4; torch's softplus (beta 1, threshold 20)
+        return F.softplus(logits_f).sqrt()
     return logits_f
 
 
@@ -102,36 +118,11 @@ def renormalized(weights_TK: Tensor, pnorm: Optional[float]) -> Tensor:
     return weights_TK / (torch.linalg.vector_norm(weights_TK, ord=pnorm, dim=-1, keepdim=True) + 1e-20)
 
 
-def route_weights(
-    logits_TE: Tensor,
-    correction_bias_E: Optional[Tensor],
-    kind: str,
-    top_k: int,
-    num_groups: int,
-    topk_groups: int,
-    renormalize: bool,
-    scaling: float,
-) -> tuple[Tensor, Tensor]:
-    """``route_reference`` before any capacity: (weights [..., K] float32, idx [..., K]). The
-    weights never depend on the capacity, so this is also what the backward differentiates."""
-    rk = RouterKind.parse(kind)
-    E = logits_TE.shape[-1]
-    rk.check(num_experts=E, top_k=top_k, num_groups=num_groups, topk_groups=topk_groups, renormalize=renormalize,
-             has_correction_bias=correction_bias_E is not None)
-    logits_f = logits_TE.float()
-    if rk.expert_choice:
-        scores_TE = route_scores(logits_f, rk)
-        idx_TE = torch.arange(E, device=logits_TE.device).expand(scores_TE.shape)
-        return (scores_TE * scaling if scaling != 1.0 else scores_TE), idx_TE
-    scores_TE, idx_TK = route_choice(logits_f, correction_bias_E, rk, top_k, num_groups, topk_groups)
-    weights_TK = scores_TE.gather(-1, idx_TK)
-    if rk.base == "topk_softmax":
-        weights_TK = weights_TK.softmax(dim=-1)
-    if renormalize:
-        weights_TK = renormalized(weights_TK, rk.pnorm)
-    if scaling != 1.0:
-        weights_TK = weights_TK * scaling
-    return weights_TK, idx_TK
+def renormalized_kept(weights_TK: Tensor, kept_TK: Tensor) -> Tensor:
+    """``renorm_kept``: the kept weights over their sum, floored at the float32 epsilon as NLLB-MoE
+    does (so a token without a kept slot gets zeros, not 0/0); dropped slots weigh 0."""
+    kept_w_TK = weights_TK * kept_TK
+    return kept_w_TK / kept_w_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps)
 
 
 def _capacity_position(idx_TK: Tensor, num_experts: int, choice_first: bool) -> Tensor:
@@ -142,6 +133,66 @@ def _capacity_position(idx_TK: Tensor, num_experts: int, choice_first: bool) -> 
     seen = order.flatten(-3, -2).cumsum(dim=-2).reshape(order.shape)
     seen_TKE = seen.transpose(-3, -2) if choice_first else seen
     return (seen_TKE * onehot_TKE).sum(dim=-1)
+
+
+def _capacity_of(rk: RouterKind, capacity: int, shape: torch.Size, top_k: int) -> int:
+    """The expert capacity of one call on logits of ``shape`` (T along dim -2); 0: unlimited."""
+    if rk.expert_choice or capacity > 0 or rk.capacity_factor is not None:
+        _check(len(shape) >= 2, f"an expert capacity counts tokens along dim -2; logits are {len(shape)}-d")
+    T = shape[-2] if len(shape) >= 2 else 1
+    return rk.capacity_for(capacity, T, top_k, shape[-1])
+
+
+def _kept_slots(idx_TK: Tensor, rk: RouterKind, C: int, num_experts: int) -> Optional[Tensor]:
+    """The token-choice slots an expert capacity ``C`` keeps (bool [..., K]); None when C is 0."""
+    if C <= 0:
+        return None
+    return _capacity_position(idx_TK, num_experts, rk.choice_first) <= C
+
+
+def _route(logits_TE, correction_bias_E, kind, top_k, num_groups, topk_groups, renormalize, scaling, capacity):
+    """(weights, idx before the drops, kept slots or None): ``route_reference`` in parts."""
+    rk = RouterKind.parse(kind)
+    E = logits_TE.shape[-1]
+    rk.check(num_experts=E, top_k=top_k, num_groups=num_groups, topk_groups=topk_groups, renormalize=renormalize,
+             has_correction_bias=correction_bias_E is not None, capacity=capacity)
+    logits_f = logits_TE.float()
+    if rk.expert_choice:
+        scores_TE = route_scores(logits_f, rk)
+        idx_TE = torch.arange(E, device=logits_TE.device).expand(scores_TE.shape)
+        return (scores_TE * scaling if scaling != 1.0 else scores_TE), idx_TE, None
+    scores_TE, idx_TK = route_choice(logits_f, correction_bias_E, rk, top_k, num_groups, topk_groups)
+    kept_TK = _kept_slots(idx_TK, rk, _capacity_of(rk, capacity, logits_TE.shape, top_k), E)
+    weights_TK = scores_TE.gather(-1, idx_TK)
+    if rk.base == "topk_softmax":
+        weights_TK = weights_TK.softmax(dim=-1)
+    if renormalize and rk.renorm_kept:
+        weights_TK = renormalized_kept(weights_TK, kept_TK)
+    elif renormalize:
+        weights_TK = renormalized(weights_TK, rk.pnorm)
+    if scaling != 1.0:
+        weights_TK = weights_TK * scaling
+    return weights_TK, idx_TK, kept_TK
+
+
+def route_weights(
+    logits_TE: Tensor,
+    correction_bias_E: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+    capacity: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """``route_reference``'s weights and its idx before the capacity drops: (weights [..., K]
+    float32, idx [..., K]). The weights depend on the capacity only under ``renorm_kept`` (they are
+    renormalised over the kept slots, which are piecewise constant in the logits); this is what
+    the backward differentiates, given the route's own capacity."""
+    weights_TK, idx_TK, _ = _route(logits_TE, correction_bias_E, kind, top_k, num_groups, topk_groups, renormalize,
+                                   scaling, capacity)
+    return weights_TK, idx_TK
 
 
 def route_reference(
@@ -158,24 +209,19 @@ def route_reference(
     """``route_weights``, then the expert capacity (fixed, or from ``cf``) sets the idx of the
     slots past it to -1; for expert choice, each expert keeps its C best tokens."""
     rk = RouterKind.parse(kind)
-    weights_TK, idx_TK = route_weights(logits_TE, correction_bias_E, kind, top_k, num_groups, topk_groups,
-                                       renormalize, scaling)
-    E = logits_TE.shape[-1]
-    if rk.expert_choice or capacity > 0 or rk.capacity_factor is not None:
-        _check(logits_TE.dim() >= 2, f"an expert capacity counts tokens along dim -2; logits are {logits_TE.dim()}-d")
-    T = logits_TE.shape[-2] if logits_TE.dim() >= 2 else 1
-    C = rk.capacity_for(capacity, T, top_k, E)
+    weights_TK, idx_TK, kept_TK = _route(logits_TE, correction_bias_E, kind, top_k, num_groups, topk_groups,
+                                         renormalize, scaling, capacity)
     if rk.expert_choice:
+        C = _capacity_of(rk, capacity, logits_TE.shape, top_k)
         _check(C > 0, f"router kind {kind!r} needs an expert capacity: capacity > 0 or cf=F in the kind")
-        C = min(C, T)
+        C = min(C, logits_TE.shape[-2])
         # A stable descending sort along the tokens: ties go to the lower token index.
         scores_TE = route_scores(logits_TE.detach().float(), rk)
         taken_CE = torch.sort(scores_TE, dim=-2, descending=True, stable=True).indices.narrow(-2, 0, C)
         taken_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(-2, taken_CE, True)
         return weights_TK, torch.where(taken_TE, idx_TK, torch.full_like(idx_TK, -1))
-    if C > 0:
-        position_TK = _capacity_position(idx_TK, E, rk.choice_first)
-        idx_TK = torch.where(position_TK <= C, idx_TK, torch.full_like(idx_TK, -1))
+    if kept_TK is not None:
+        idx_TK = torch.where(kept_TK, idx_TK, torch.full_like(idx_TK, -1))
     return weights_TK, idx_TK
 
 
@@ -201,6 +247,13 @@ def _apply_activation(h_MF: Tensor, activation: str, interleaved: bool, alpha: f
         gate_MI = gate_MI.clamp(max=limit)
         up_MI = up_MI.clamp(min=-limit, max=limit)
         return (up_MI + 1) * (gate_MI * torch.sigmoid(gate_MI * alpha))
+    if activation == "swiglu_limit":  # DeepSeek-V4, GLM-5-Next, HY-V4: clamp, then SwiGLU
+        return F.silu(gate_MI.clamp(max=limit)) * up_MI.clamp(min=-limit, max=limit)
+    if activation == "swiglu_limit_post":  # Step-3.7: the SiLU's output is clamped
+        return F.silu(gate_MI).clamp(max=limit) * up_MI.clamp(min=-limit, max=limit)
+    if activation == "softcap_swiglu":  # Inkling-2: the sigmoid sees the raw gate
+        check_activation_attrs(activation, alpha, limit)
+        return (alpha * torch.tanh(gate_MI / alpha)) * torch.sigmoid(gate_MI) * (limit * torch.tanh(up_MI / limit))
     return F.gelu(gate_MI, approximate="tanh" if activation == "geglu_tanh" else "none") * up_MI
 
 
@@ -293,7 +346,9 @@ def _grads(fn, grad_out: Tensor, inputs: list[Optional[Tensor]]) -> list[Tensor]
 
     _, vjp_fn = torch.func.vjp(of_diff, *(inputs[i] for i in diff_pos))
     got = dict(zip(diff_pos, vjp_fn(grad_out)))
-    return [got[i] if i in got else grad_out.new_empty(0) for i in range(len(inputs))]
+    # Contiguous, as the fake implementations (``empty_like``) promise: vjp may hand back an
+    # expanded or transposed view, and a traced backward that views it would then fail.
+    return [got[i].contiguous() if i in got else grad_out.new_empty(0) for i in range(len(inputs))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,24 +393,28 @@ def route_backward(
     topk_groups: int,
     renormalize: bool,
     scaling: float,
+    capacity: int,
 ) -> Tensor:
-    """Gradient of ``route``'s weights with respect to the logits (the choice is piecewise constant)."""
+    """Gradient of ``route``'s weights with respect to the logits (the choice is piecewise
+    constant). ``capacity`` matters to ``renorm_kept`` only: its weights are renormalised over the
+    slots the capacity kept, which the reference recomputes from the logits as the forward did."""
 
     def weights_of(logits_):
-        return route_weights(logits_, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling)[0]
+        return route_weights(logits_, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling,
+                             capacity)[0]
 
     return _grads(weights_of, grad_weights, [logits])[0]
 
 
 @route_backward.register_fake
-def _(grad_weights, logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling):
+def _(grad_weights, logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, capacity):
     return torch.empty_like(logits)
 
 
 def _route_setup(ctx, inputs, output):
     logits, correction_bias, *attrs = inputs
     ctx.save_for_backward(logits, correction_bias)
-    ctx.attrs = attrs[:-1]  # capacity changes which slots are dropped, not the weights
+    ctx.attrs = attrs  # with the capacity: renorm_kept's weights depend on the kept slots
 
 
 def _route_bwd(ctx, grad_weights, grad_idx):

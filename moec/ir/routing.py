@@ -3,19 +3,23 @@
 Contract: ``RouterKind.parse(kind)`` is the one place a kind string is read; it raises
 ``ValueError`` naming the problem and the valid forms. ``str(RouterKind)`` is the canonical
 string (modifiers in ``MOD_ORDER``, floats as ``repr(float)``), and ``parse(str(k)) == k``; the
-string is part of cache keys and printed graphs, so it is deterministic. The ops' schemas do not
-change with the vocabulary: every new behaviour is spelled in the kind.
+string is part of cache keys and printed graphs, so it is deterministic. The forward ops' schemas
+do not change with the vocabulary: every new behaviour is spelled in the kind (``moec::route_backward``
+takes the route's ``capacity`` too, which ``renorm_kept``'s weights depend on).
 
 Grammar::
 
     KIND := BASE ("+" MOD)*
     BASE := softmax_topk | topk_softmax | sigmoid_topk | sigmoid_bias_grouped_topk | top1
-          | expert_choice
-    MOD  := group_max | pnorm=FLOAT | cf=FLOAT | cfloor | cmin=INT | choice_first | sigmoid
+          | sqrtsoftplus_topk | expert_choice
+    MOD  := group_max | pnorm=FLOAT | cf=FLOAT | cfloor | cmin=INT | choice_first | renorm_kept
+          | sigmoid
 
 Token-choice bases (all but ``expert_choice``) score every expert, pick ``top_k`` per token on
 the choice (scores + correction bias, group-limited when ``num_groups > 1``) and read the
 weights from the unbiased scores; ``moec.ir.ops.route_reference`` is their definition.
+``sqrtsoftplus_topk`` scores by ``sqrt(softplus(logits))`` (DeepSeek-V4; softplus with torch's
+defaults, beta 1 and threshold 20) and is otherwise ``sigmoid_topk``.
 
 - ``group_max``: a group's score in group-limited top-k is its best choice score (DeepSeek-V2)
   instead of the sum of its two best (DeepSeek-V3).
@@ -27,6 +31,13 @@ weights from the unbiased scores; ``moec.ir.ops.route_reference`` is their defin
   capacity and wins over ``cf``.
 - ``choice_first``: capacity priority goes to every token's first choice, in token order, then
   every second choice, ... (GShard top-2), instead of token by token.
+- ``renorm_kept``: renormalisation happens after the capacity drops, over the slots kept:
+  ``w_k * kept_k / max(sum_j w_j kept_j, eps)`` with eps the float32 epsilon, so a dropped slot
+  weighs 0 and a token that lost every slot has all-zero weights (NLLB-MoE,
+  ``normalize_router_prob_before_dropping=False``). Without it the k weights are renormalised
+  before the drops. Needs ``renormalize=True`` and a capacity (fixed or ``cf``), and renormalises
+  by the sum (not with ``pnorm``). The weights then depend on the capacity, so the backward
+  recomputes the kept slots with the same capacity.
 - ``expert_choice``: each expert takes its C best tokens (scores softmax over experts, or
   ``sigmoid``); C from the ``capacity`` argument or ``cf``, at most T. The route's K dim is E.
 
@@ -40,14 +51,15 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-TOKEN_CHOICE_BASES = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_bias_grouped_topk", "top1")
+TOKEN_CHOICE_BASES = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_bias_grouped_topk", "top1",
+                      "sqrtsoftplus_topk")
 BASES = TOKEN_CHOICE_BASES + ("expert_choice",)
 # Canonical modifier order of the printed kind.
-MOD_ORDER = ("group_max", "pnorm", "cf", "cfloor", "cmin", "choice_first", "sigmoid")
-_FLAG_MODS = ("group_max", "cfloor", "choice_first", "sigmoid")
+MOD_ORDER = ("group_max", "pnorm", "cf", "cfloor", "cmin", "choice_first", "renorm_kept", "sigmoid")
+_FLAG_MODS = ("group_max", "cfloor", "choice_first", "renorm_kept", "sigmoid")
 _VALUE_MODS = {"pnorm": "FLOAT", "cf": "FLOAT", "cmin": "INT"}
 FORMS = ("BASE('+'MOD)* with BASE one of " + ", ".join(BASES) + " and MOD one of group_max, pnorm=FLOAT, "
-         "cf=FLOAT, cfloor, cmin=INT, choice_first, sigmoid (expert_choice only)")
+         "cf=FLOAT, cfloor, cmin=INT, choice_first, renorm_kept, sigmoid (expert_choice only)")
 
 
 def _fmt(x: float) -> str:
@@ -63,6 +75,7 @@ class RouterKind:
     capacity_floor: bool = False  # cfloor
     capacity_min: int = 0  # cmin=N; 0: none
     choice_first: bool = False
+    renorm_kept: bool = False
     sigmoid: bool = False
 
     def __post_init__(self):
@@ -80,11 +93,13 @@ class RouterKind:
         if (self.capacity_floor or self.capacity_min) and self.capacity_factor is None:
             bad("cfloor and cmin shape a computed capacity and need cf=F")
         if self.expert_choice:
-            for name in ("group_max", "pnorm", "choice_first"):
+            for name in ("group_max", "pnorm", "choice_first", "renorm_kept"):
                 if getattr(self, name) not in (False, None):
                     bad(f"{name} applies to token-choice routers, not expert_choice")
         elif self.sigmoid:
             bad("sigmoid applies to expert_choice only (token-choice bases name their scores)")
+        if self.renorm_kept and self.pnorm is not None:
+            bad("renorm_kept renormalises the kept weights by their sum; it does not combine with pnorm")
 
     # ------------------------------------------------------------------------------------------
     # The string form
@@ -140,6 +155,8 @@ class RouterKind:
             parts.append(f"cmin={self.capacity_min}")
         if self.choice_first:
             parts.append("choice_first")
+        if self.renorm_kept:
+            parts.append("renorm_kept")
         if self.sigmoid:
             parts.append("sigmoid")
         return "+".join(parts)
@@ -154,9 +171,12 @@ class RouterKind:
 
     @property
     def scores(self) -> str:
-        """What the weights are read from: ``softmax`` (over experts), ``sigmoid`` or ``logits``."""
+        """What the weights are read from: ``softmax`` (over experts), ``sigmoid``,
+        ``sqrtsoftplus`` or ``logits``."""
         if self.base == "topk_softmax":
             return "logits"
+        if self.base == "sqrtsoftplus_topk":
+            return "sqrtsoftplus"
         if self.base.startswith("sigmoid") or self.sigmoid:
             return "sigmoid"
         return "softmax"
@@ -176,13 +196,21 @@ class RouterKind:
         return max(computed, self.capacity_min, 1)
 
     def check(self, *, num_experts: int, top_k: int, num_groups: int, topk_groups: int, renormalize: bool,
-              has_correction_bias: bool) -> None:
-        """Raise ``ValueError`` for arguments that make no sense with this kind."""
+              has_correction_bias: bool, capacity: Optional[int] = None) -> None:
+        """Raise ``ValueError`` for arguments that make no sense with this kind. ``capacity`` is
+        the route's ``capacity`` argument (0 for a gate); ``None`` when the caller does not know
+        it (a ``KernelSpec``), which skips the one rule that needs it."""
         where = f"moec: router kind {str(self)!r}"
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"moec: top_k={top_k} must be between 1 and the {num_experts} experts")
         if self.pnorm is not None and not renormalize:
             raise ValueError(f"{where}: pnorm renormalises the weights and needs renormalize=True")
+        if self.renorm_kept:
+            if not renormalize:
+                raise ValueError(f"{where}: renorm_kept renormalises the kept weights and needs renormalize=True")
+            if capacity is not None and capacity <= 0 and self.capacity_factor is None:
+                raise ValueError(f"{where}: renorm_kept renormalises over the slots an expert capacity kept and "
+                                 "needs one: capacity > 0 or cf=F in the kind")
         if self.expert_choice:
             if renormalize:
                 raise ValueError(f"{where}: expert choice does not renormalise (a token's weights are its "
@@ -210,9 +238,10 @@ def _parse(kind: str) -> RouterKind:
 def has_capacity(kind: Union[str, RouterKind], capacity: int) -> bool:
     """Whether a route drops slots by an expert capacity (fixed, from ``cf``, or expert choice):
     such a route keeps ``moec::route`` / ``moec::dispatch`` (the drops need the dispatch order),
-    everything else can be the fused ``gate``."""
+    everything else can be the fused ``gate``. A ``renorm_kept`` kind counts as one whatever the
+    argument: it is only valid with a capacity (``RouterKind.check``)."""
     rk = RouterKind.parse(kind)
-    return capacity > 0 or rk.capacity_factor is not None or rk.expert_choice
+    return capacity > 0 or rk.capacity_factor is not None or rk.expert_choice or rk.renorm_kept
 
 
 def canonical(kind: Union[str, RouterKind]) -> str:

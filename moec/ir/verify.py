@@ -34,13 +34,14 @@ def _router_kind(kind):
         return None, str(err)
 
 
-def _router_args(rk, num_experts, top_k, num_groups, topk_groups, renormalize, correction_bias):
+def _router_args(rk, num_experts, top_k, num_groups, topk_groups, renormalize, correction_bias, capacity):
     """The kind's own rule on the other router arguments (``RouterKind.check``)."""
     if rk is None or not isinstance(num_experts, int):
         return True, ""
     try:
         rk.check(num_experts=num_experts, top_k=top_k, num_groups=num_groups, topk_groups=topk_groups,
-                 renormalize=renormalize, has_correction_bias=correction_bias is not None)
+                 renormalize=renormalize, has_correction_bias=correction_bias is not None,
+                 capacity=capacity if isinstance(capacity, int) else None)
     except ValueError as err:
         return False, str(err)
     return True, ""
@@ -53,7 +54,7 @@ def _route_rules(a):
     if logits is not None:
         yield logits.is_floating_point(), "logits must be floating point"
         yield 1 <= top_k <= logits.shape[-1], f"top_k {top_k} outside 1..{logits.shape[-1]} experts"
-        yield _router_args(rk, logits.shape[-1], top_k, a[4], a[5], a[6], bias)
+        yield _router_args(rk, logits.shape[-1], top_k, a[4], a[5], a[6], bias, a[8])
 
 
 def _dispatch_rules(a):
@@ -90,7 +91,7 @@ def _gate_rules(a):
         E = x.shape[-1] if router_w is None else router_w.shape[0]
         yield x.is_floating_point(), "gate input must be floating point"
         yield 1 <= top_k <= E, f"top_k {top_k} outside 1..{E} experts"
-        yield _router_args(rk, E, top_k, a[6], a[7], a[8], a[3])
+        yield _router_args(rk, E, top_k, a[6], a[7], a[8], a[3], 0)
         if router_w is not None:
             yield router_w.dim() == 2 and router_w.shape[1] == x.shape[-1], "router weight must be [E, H]"
 

@@ -69,6 +69,10 @@ def test_invalid_specs_are_rejected():
         KernelSpec(num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="groups"):
         KernelSpec(num_experts=6, top_k=1, num_groups=4)
+    with pytest.raises(ValueError, match="positive finite softcaps"):
+        KernelSpec(activation="softcap_swiglu")  # the default limit is inf
+    with pytest.raises(ValueError, match="needs renormalize=True"):
+        KernelSpec(router_kind="softmax_topk+renorm_kept", num_experts=8, top_k=2)
 
 
 def test_router_kind_is_validated_and_canonical():
@@ -103,6 +107,18 @@ def test_sub_specs_keep_only_their_fields():
     swiglu = replace(BASE, activation="swiglu")
     assert replace(swiglu, alpha=3.0, limit=1.0).for_kernel("activation") == swiglu.for_kernel("activation")
     assert replace(BASE, alpha=3.0).for_kernel("activation") != BASE.for_kernel("activation")
+
+
+@pytest.mark.parametrize("activation,reads", [("swiglu_limit", {"limit"}), ("swiglu_limit_post", {"limit"}),
+                                              ("softcap_swiglu", {"alpha", "limit"}),
+                                              ("clamped_swiglu", {"alpha", "limit"}), ("reglu", set())])
+def test_activation_sub_specs_keep_the_attributes_the_activation_reads(activation, reads):
+    spec = replace(BASE, activation=activation, alpha=1.5, limit=7.0)
+    for group in ("activation", "grouped_gemm_act"):
+        for name, value in (("alpha", 3.0), ("limit", 2.0)):
+            changed = replace(spec, **{name: value}).for_kernel(group) != spec.for_kernel(group)
+            assert changed == (name in reads), (group, name)
+    assert replace(spec, alpha=3.0, limit=2.0).for_kernel("gate") == spec.for_kernel("gate")
 
 
 def test_emit_gives_every_group_as_a_parseable_module():
@@ -171,15 +187,34 @@ def test_router_source_for_the_wider_vocabulary():
     assert "tl.sum(wts, 1)" in gate("softmax_topk") and "tl.sqrt" not in gate("softmax_topk")
 
 
-@pytest.mark.parametrize("kind", ["top1+cf=1.25", "expert_choice+cf=1.0"])
+@pytest.mark.parametrize("kind", ["top1+cf=1.25", "expert_choice+cf=1.0", "softmax_topk+renorm_kept"])
 def test_capacity_routers_have_no_gate_kernel(kind):
     """Routes with an expert capacity stay route/dispatch: their gate module is empty, the other
     groups (and the layer source) are generated as for any layer."""
-    spec = replace(BASE, router_kind=kind, num_groups=1, topk_groups=1, renormalize=False, has_correction_bias=False)
+    spec = replace(BASE, router_kind=kind, num_groups=1, topk_groups=1, renormalize=kind.endswith("renorm_kept"),
+                   has_correction_bias=False)
     gate = emit_group(spec, "gate")
     assert not [n for n in ast.parse(gate).body if isinstance(n, ast.FunctionDef)]
     assert "has an expert capacity" in gate
     assert "moec_grouped_gemm_act_kernel" in layer_source(spec)
+
+
+def test_sqrtsoftplus_router_source():
+    gate = emit_group(replace(BASE, router_kind="sqrtsoftplus_topk"), "gate")
+    assert "score = tl.sqrt_rn(sp)" in gate and "logits > 20.0" in gate  # torch's softplus threshold
+    assert "tl.sigmoid(logits)" not in gate and "tl.exp(logits" not in gate
+    assert gate.count("# group ") == 4 and "cb_ptr + cols" in gate  # groups and bias as for any base
+
+
+def test_bounded_swiglu_sources():
+    limit, post, softcap = _act_expr("swiglu_limit"), _act_expr("swiglu_limit_post"), _act_expr("softcap_swiglu")
+    assert "g_c = tl.minimum(g, 7.0)" in limit and "act = g_c * tl.sigmoid(g_c) * u_c" in limit
+    assert "a_c = tl.minimum(g * tl.sigmoid(g), 7.0)" in post and "act = a_c * u_c" in post
+    assert "u_c = tl.minimum(tl.maximum(u, -7.0), 7.0)" in limit and "1.702" not in limit  # alpha unused
+    assert "t_g_v = g / 1.702" in softcap and "t_u_v = u / 7.0" in softcap and "act = c * s * v" in softcap
+    assert "s = tl.sigmoid(g)" in softcap and all("acc_u" in src for src in (limit, post, softcap))
+    bwd = emit_group(replace(BASE, activation="swiglu_limit"), "activation")
+    assert "d_g = tl.where(g <= 7.0," in bwd and "d_u = tl.where(in_u," in bwd
 
 
 def test_relu_based_activation_sources():

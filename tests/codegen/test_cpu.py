@@ -160,6 +160,34 @@ def test_activations(activation, interleaved):
                (0, 3, 4))
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activations_at_few_rows(cpu_path, activation, interleaved, monkeypatch):
+    """A few rows per expert, where the native kernels take the forward: every activation there,
+    with the clamps and softcaps biting (limit 1.5 on values up to ~6)."""
+    if interleaved and activation not in GATED_ACTIVATIONS:
+        pytest.skip("interleaving only applies to gated activations")
+    from moec.codegen import cpu_native
+
+    calls = []
+    real = cpu_native.load()
+    if real is not None:
+        class Spy:
+            def __getattr__(self, name):
+                calls.append(name)
+                return getattr(real, name)
+
+        monkeypatch.setattr(cpu_native, "load", lambda: Spy())
+    T, H, I, E, K = 3, 16, 12, 4, 2
+    g = torch.Generator().manual_seed(37)
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, "random", g)
+    w_in, _, b_in, _ = expert_weights(E, H, I, activation, False, True, torch.float32, g)
+    x_TH = torch.randn(T, H, generator=g) * 3
+    check_both("grouped_gemm_act", (x_TH, token_N, counts_E, w_in, b_in, activation, False, interleaved, 1.702, 1.5),
+               (0, 3, 4))
+    assert calls == (["gemv_act"] if cpu_path == "native" else [])
+
+
 GATE_CASES = {
     # id -> (kind, top_k, num_groups, topk_groups, correction bias, renormalize, scaling)
     "softmax_topk": ("softmax_topk", 2, 1, 1, False, True, 1.5),
@@ -173,6 +201,8 @@ GATE_CASES = {
     "topk_softmax_groups_bias_pnorm": ("topk_softmax+pnorm=1.5", 2, 2, 1, True, True, 2.0),
     "top1_bias": ("top1", 1, 1, 1, True, False, 1.0),
     "sigmoid_group_max_pnorm3": ("sigmoid_bias_grouped_topk+group_max+pnorm=3.0", 4, 4, 2, True, True, 2.5),
+    "sqrtsoftplus_topk": ("sqrtsoftplus_topk", 2, 1, 1, False, True, 2.5),
+    "sqrtsoftplus_groups_bias": ("sqrtsoftplus_topk", 3, 4, 2, True, True, 1.0),
 }
 assert {case[0] for case in GATE_CASES.values()} >= set(ROUTER_KINDS)
 
@@ -209,8 +239,56 @@ def test_native_kernels_know_every_activation():
     from moec.codegen import cpu_native
 
     assert set(cpu_native.ACT_CODES) == set(ACTIVATIONS)
-    gated = {a for a, code in cpu_native.ACT_CODES.items() if code <= 3 or code == 8}  # the C++ is_gated rule
+    gated = {a for a, code in cpu_native.ACT_CODES.items() if code <= 3 or code == 8 or code >= 10}  # C++ is_gated
     assert gated == set(GATED_ACTIVATIONS)
+
+
+# The gated activations with clamps or softcaps: values inside, outside and exactly at the limits.
+BOUNDED_ACTIVATIONS = ("swiglu_limit", "swiglu_limit_post", "softcap_swiglu", "clamped_swiglu")
+
+
+@pytest.mark.parametrize("activation", BOUNDED_ACTIVATIONS)
+def test_bounded_activation_gradients_at_the_limits(activation):
+    """The hand-written backward against autograd of the reference on a grid of (gate, up) with
+    values inside, outside and exactly at +-limit (for swiglu_limit_post: a gate whose SiLU is
+    exactly the limit). torch.clamp's autograd passes the gradient at the bounds; so must we."""
+    import torch.nn.functional as F
+
+    from moec.ir.ops import _apply_activation
+
+    limit = 1.5
+    if activation == "swiglu_limit_post":
+        limit = F.silu(torch.tensor(1.5)).item()  # silu(1.5), an fp32 value: gate 1.5 sits on the clamp
+    vals = torch.tensor([-3.0, -limit, -0.75, 0.0, 0.75, 1.5, limit, 3.0])
+    gate, up = torch.meshgrid(vals, vals, indexing="ij")
+    g = torch.Generator().manual_seed(2)
+    for interleaved in (False, True):
+        pairs = (gate.reshape(-1, 1), up.reshape(-1, 1))  # row i, column j of a half: (vals[i], vals[j])
+        h = torch.cat(pairs, -1).reshape(8, -1) if interleaved else torch.cat([p.reshape(8, -1) for p in pairs], -1)
+        h.requires_grad_()
+        ref = _apply_activation(h, activation, interleaved, 1.702, limit)
+        out = torch.ops.moec_cpu.activation(h.detach(), activation, interleaved, 1.702, limit)
+        assert torch.equal(out, ref), "the CPU activation runs the reference's ops in its order"
+        go = torch.rand(ref.shape, generator=g) + 0.5
+        (want,) = torch.autograd.grad(ref, [h], go)
+        got = torch.ops.moec_cpu.activation_backward(go, h.detach(), activation, interleaved, 1.702, limit)
+        assert torch.equal(got == 0, want == 0), "the clamps stop the gradient exactly where torch's do"
+        assert_scaled_close(got, want, 1e-6, f"{activation} gradient")
+        if not interleaved and activation != "softcap_swiglu":
+            # At the bounds the gradient passes: d_gate with the gate on its clamp (up 0.75), d_up
+            # with up at -limit or +limit (gate 0.75).
+            assert got[5, 4] != 0 and got[6, 4] != 0
+            assert got[4, 8 + 1] != 0 and got[4, 8 + 6] != 0
+            assert got[7, 4] == 0 and got[4, 8 + 7] == 0 and got[4, 8] == 0  # and stops past them
+
+
+def test_softcap_swiglu_needs_finite_caps():
+    h = torch.randn(3, 8)
+    for alpha, limit in ((1.0, float("inf")), (0.0, 2.0), (-1.0, 2.0)):
+        with pytest.raises(ValueError, match="positive finite softcaps"):
+            torch.ops.moec_cpu.activation(h, "softcap_swiglu", False, alpha, limit)
+        with pytest.raises(ValueError, match="positive finite softcaps"):
+            torch.ops.moec.activation(h, "softcap_swiglu", False, alpha, limit)
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -281,6 +359,10 @@ def _opcheck_cases():
                                             "softmax_topk+group_max+pnorm=2.0", K, 2, 1, True, 1.0)),
         "activation_relu2": (ops.activation, (h, "relu2", False, 1.0, 7.0)),
         "activation_reglu": (ops.activation, (h, "reglu", True, 1.0, 7.0)),
+        "activation_swiglu_limit": (ops.activation, (h, "swiglu_limit", True, 1.0, 0.5)),
+        "activation_softcap_swiglu": (ops.activation, (h, "softcap_swiglu", False, 1.5, 2.0)),
+        "gate_sqrtsoftplus": (ops.gate, (x, rw, None, torch.randn(E, generator=g), "sqrtsoftplus_topk", K, 2, 1,
+                                         True, 1.0)),
         "permute": (ops.permute, (idx_TK, torch.bincount(idx_TK.reshape(-1), minlength=E))),
         "grouped_gemm": (ops.grouped_gemm, (x, token_N, counts_E, w_in, b_in, False)),
         "activation": (ops.activation, (h, "swiglu", False, 1.702, 7.0)),
@@ -311,6 +393,9 @@ def test_backward_ops_opcheck():
                              "topk_softmax+group_max+pnorm=2.0", K, 2, 1, True, 1.0)),
         (ops.grouped_gemm_backward, (torch.randn(T * K, 2 * I, generator=g), x, token_N, counts_E, w_in, b_in, False)),
         (ops.activation_backward, (torch.randn(T * K, I, generator=g), h, "swiglu", False, 1.702, 7.0)),
+        (ops.activation_backward, (torch.randn(T * K, I, generator=g), h, "swiglu_limit_post", True, 1.0, 0.5)),
+        (ops.gate_backward, (torch.randn(T, K, generator=g), x, rw, None, None, "sqrtsoftplus_topk+group_max", K, 2, 1,
+                             True, 1.0)),
         (ops.grouped_gemm_act_backward_input, (torch.randn(T * K, I, generator=g), x, token_N, counts_E, w_in, b_in,
                                                "swiglu", False, False, 1.702, 7.0)),
         (ops.grouped_gemm_act_backward_weight, (torch.randn(T * K, 2 * I, generator=g), x, token_N, counts_E, w_in,

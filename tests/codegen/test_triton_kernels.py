@@ -116,10 +116,10 @@ SHAPES = [
     pytest.param(40, 32, 24, 4, 2, "random", id="multi_tile"),
 ]
 
-# The ReLU-based activations take two corners of the table each (plain; transposed, interleaved
-# when gated, with bias), not all of it: their epilogues differ from the others' only in the
-# expression, which the two corners run forward and backward.
-_CORNERS_ONLY = ("relu2", "reglu")
+# The ReLU-based and the clamped/softcapped SwiGLU activations take two corners of the table each
+# (plain; transposed, interleaved when gated, with bias), not all of it: their epilogues differ
+# from the others' only in the expression, which the two corners run forward and backward.
+_CORNERS_ONLY = ("relu2", "reglu", "swiglu_limit", "swiglu_limit_post", "softcap_swiglu")
 
 
 def _in_table(act, transposed, interleaved, bias):
@@ -239,6 +239,25 @@ def test_activation(act, interleaved):
     assert_close_rel(g1, g0, 1e-5, "d_h")
 
 
+@pytest.mark.parametrize("act", ["swiglu_limit", "swiglu_limit_post", "clamped_swiglu"])
+def test_clamp_gradients_at_the_limits(act):
+    """Gate and up exactly at -limit / +limit and on either side: the epilogues stop the gradient
+    where torch.clamp's autograd does (it passes at the bounds). swiglu_limit_post's bound is on
+    silu(gate), which the kernel computes as g * sigmoid(g), not bit for bit as torch; its grid
+    has no gate whose SiLU lands on the limit (the CPU test covers that one)."""
+    limit = 0.8
+    vals = torch.tensor([-2.0, -limit, -0.5, 0.0, 0.5, limit, 2.0], device=DEVICE)
+    gate, up = torch.meshgrid(vals, vals, indexing="ij")
+    h = torch.cat([gate.reshape(7, 7), up.reshape(7, 7)], -1).requires_grad_()
+    attrs = (act, False, 1.702, limit)
+    go = torch.rand(7, 7, device=DEVICE) + 0.5
+    (g1,) = grads(lambda: ops().activation(h, *attrs), [h], go)
+    (g0,) = grads(lambda: torch.ops.moec.activation(h, *attrs), [h], go)
+    assert torch.equal(g1 == 0, g0 == 0)
+    assert_close_rel(g1, g0, 1e-5, "d_h")
+    assert_close_rel(ops().activation(h, *attrs), torch.ops.moec.activation(h, *attrs), 1e-5, "out")
+
+
 # ----------------------------------------------------------------------------------------------
 # grouped_gemm_combine
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +318,8 @@ GATE_CASES = [
     ("topk_softmax+pnorm=2.0", 8, 2, 2, 1, True, False, False, True, 1.5),
     ("top1", 5, 1, 1, 1, True, True, False, False, 1.0),
     ("sigmoid_bias_grouped_topk+group_max+pnorm=1.5", 16, 4, 4, 2, True, True, False, True, 2.5),
+    ("sqrtsoftplus_topk", 8, 2, 1, 1, False, True, False, True, 2.5),
+    ("sqrtsoftplus_topk", 16, 4, 4, 2, True, False, False, True, 1.0),  # DeepSeek-V4-like, x is the logits
 ]
 assert {RouterKind.parse(case[0]).base for case in GATE_CASES} == set(ROUTER_KINDS)
 
@@ -336,6 +357,19 @@ def test_gate_leading_dims_and_bf16():
     # The logits are bf16 (F.linear in x's dtype); CPU bf16 matmul does not round exactly like one
     # fp32-accumulated dot, so a logit may differ by one bf16 ulp: bf16 tolerance on the weights.
     assert_close_rel(w_out, w_ref, REL[torch.bfloat16], "weights")
+
+
+def test_gate_sqrtsoftplus_scores_over_the_whole_range():
+    """Logits across softplus's threshold (20) and far below zero, where log1p(exp(z)) must keep
+    its tiny value exp(z) (a plain log(1 + exp(z)) would give 0): every score within fp32
+    rounding of torch's, elementwise, and the order exactly."""
+    z = torch.tensor([[-60.0, -25.0, -5.0, -0.1, 0.0, 1e-3, 3.0, 19.9, 20.0, 20.5, 40.0]], device=DEVICE)
+    E = z.shape[1]
+    args = (z, None, None, None, "sqrtsoftplus_topk", E, 1, 1, False, 1.0)
+    w_out, i_out, _ = ops().gate(*args)
+    w_ref, i_ref, _ = torch.ops.moec.gate(*args)
+    assert torch.equal(i_out, i_ref) and i_out[0].tolist() == list(range(E))[::-1]
+    torch.testing.assert_close(w_out, w_ref, rtol=4e-7, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["softmax_topk", "sigmoid_topk", "topk_softmax"])

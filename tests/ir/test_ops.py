@@ -74,7 +74,7 @@ def test_dispatch_rejects_expert_out_of_range():
 
 
 def hf_style_routes(logits, kind):
-    """The routers as Mixtral / GPT-OSS / DeepSeek-V3 / Switch write them."""
+    """The routers as Mixtral / GPT-OSS / DeepSeek-V3 / Switch / DeepSeek-V4 write them."""
     if kind == "softmax_topk":
         v, i = logits.softmax(-1).topk(2, -1)
         return v / v.sum(-1, keepdim=True), i
@@ -85,7 +85,7 @@ def hf_style_routes(logits, kind):
         p = logits.softmax(-1)
         return p.max(-1).values.unsqueeze(-1), p.argmax(-1, keepdim=True)
     bias = torch.linspace(-0.1, 0.1, logits.shape[-1], dtype=logits.dtype)
-    s = logits.sigmoid()
+    s = F.softplus(logits).sqrt() if kind == "sqrtsoftplus_topk" else logits.sigmoid()
     choice = s + bias
     if kind == "sigmoid_bias_grouped_topk":
         gs = choice.view(-1, 2, E // 2).topk(2, -1)[0].sum(-1)
@@ -99,7 +99,7 @@ def hf_style_routes(logits, kind):
 @pytest.mark.parametrize("kind", ops.ROUTER_KINDS)
 def test_route_matches_hand_written_routers(kind):
     logits = torch.randn(T, E, dtype=torch.float64)
-    sigmoid = kind.startswith("sigmoid")
+    sigmoid = kind.startswith("sigmoid") or kind == "sqrtsoftplus_topk"  # biased, renormalised and scaled
     bias = torch.linspace(-0.1, 0.1, E, dtype=torch.float64) if sigmoid else None
     w, idx = torch.ops.moec.route(
         logits, bias, kind, 1 if kind == "top1" else 2, 2 if kind == "sigmoid_bias_grouped_topk" else 1, 1,

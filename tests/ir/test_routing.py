@@ -37,6 +37,9 @@ CANONICAL = [
     "expert_choice+cf=0.5+cfloor+cmin=2+sigmoid",
     "expert_choice",
     "sigmoid_topk+pnorm=1e-05",
+    "sqrtsoftplus_topk+group_max+pnorm=2.0",
+    "softmax_topk+cf=1.25+choice_first+renorm_kept",
+    "top1+renorm_kept",
 ]
 
 
@@ -59,6 +62,7 @@ def test_spellings_print_canonically():
     assert canonical("sigmoid_topk+pnorm=2") == "sigmoid_topk+pnorm=2.0"
     assert canonical("expert_choice+sigmoid+cmin=3+cf=.5") == "expert_choice+cf=0.5+cmin=3+sigmoid"
     assert RouterKind.parse("top1+cf=1.0") == RouterKind.parse("top1+cf=1")
+    assert canonical("sigmoid_topk+renorm_kept+choice_first+cf=1") == "sigmoid_topk+cf=1.0+choice_first+renorm_kept"
 
 
 @pytest.mark.parametrize("kind,match", [
@@ -79,6 +83,11 @@ def test_spellings_print_canonically():
     ("expert_choice+group_max", "group_max applies to token-choice"),
     ("expert_choice+pnorm=2", "pnorm applies to token-choice"),
     ("expert_choice+choice_first", "choice_first applies to token-choice"),
+    ("expert_choice+cf=1+renorm_kept", "renorm_kept applies to token-choice"),
+    ("softmax_topk+renorm_kept=1", "unknown modifier 'renorm_kept=1'"),
+    ("softmax_topk+pnorm=2+cf=1+renorm_kept", "does not combine with pnorm"),
+    ("sqrtsoftplus", "unknown router kind 'sqrtsoftplus'"),
+    ("sqrtsoftplus_topk+sigmoid", "sigmoid applies to expert_choice only"),
     ("", "unknown router kind ''"),
 ])
 def test_bad_kinds_name_the_problem_and_the_forms(kind, match):
@@ -98,6 +107,8 @@ def test_capacity_for():
     assert not has_capacity("softmax_topk+group_max", 0) and has_capacity("softmax_topk", 3)
     assert has_capacity("top1+cf=1.0", 0) and has_capacity("expert_choice+cf=1.0", 0)
     assert has_capacity(RouterKind("expert_choice"), 0)
+    # renorm_kept is only valid with a capacity, so such a kind always names a capacity route.
+    assert has_capacity("softmax_topk+renorm_kept", 0) and not has_capacity("sqrtsoftplus_topk", 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +145,50 @@ def test_pnorm_renormalisation():
     torch.testing.assert_close(w_sum, torch.tensor([[0.625, 0.375]]))
     with pytest.raises(ValueError, match="needs renormalize=True"):
         route(logits, "softmax_topk+pnorm=2.0", 2)
+
+
+def _sqrt_softplus(z: float) -> float:
+    return math.sqrt(z if z > 20 else math.log1p(math.exp(z)))  # torch's threshold 20, beta 1
+
+
+def test_sqrtsoftplus_scores():
+    # Scores sqrt(softplus(z)), highest first: z = 25 is past the threshold (score 5 exactly), and
+    # z = -30 keeps its tiny score sqrt(exp(-30)) instead of a 0 tying it with nothing else.
+    z = [0.0, 1.0, -1.0, 2.0, 25.0, -30.0]
+    w, idx = route(torch.tensor([z]), "sqrtsoftplus_topk", 6)
+    assert idx.tolist() == [[4, 3, 1, 0, 2, 5]]
+    torch.testing.assert_close(w, torch.tensor([[_sqrt_softplus(z[i]) for i in (4, 3, 1, 0, 2, 5)]]),
+                               rtol=2e-7, atol=0)
+    assert w[0, 0].item() == 5.0
+    # top-2, renormalised by the sum and scaled, as sigmoid_topk is.
+    w, idx = route(torch.tensor([z[:4]]), "sqrtsoftplus_topk", 2, renorm=True, scaling=2.5)
+    s3, s1 = _sqrt_softplus(2.0), _sqrt_softplus(1.0)
+    assert idx.tolist() == [[3, 1]]
+    torch.testing.assert_close(w, torch.tensor([[2.5 * s3 / (s3 + s1), 2.5 * s1 / (s3 + s1)]]))
+
+
+def test_sqrtsoftplus_with_correction_bias_and_groups():
+    # Scores s = sqrt(softplus(z)): 1.146, 1.114, 0.833, 0.987 | 1.458, 0.560, 0.893, 0.863.
+    z = torch.tensor([[1.0, 0.9, 0.0, 0.5, 2.0, -1.0, 0.2, 0.1]])
+    s = [_sqrt_softplus(v) for v in z[0].tolist()]
+    # The bias lifts expert 2's choice to 1.333, past expert 0; its weight stays its unbiased score.
+    bias = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0])
+    w, idx = route(z, "sqrtsoftplus_topk", 2, bias=bias)
+    assert idx.tolist() == [[4, 2]]
+    torch.testing.assert_close(w, torch.tensor([[s[4], s[2]]]))
+    # Groups {0,1}, {2,3}, {4,5}, {6,7}; best-two sums 2.26, 1.82, 2.02, 1.76 keep {0,1} and {4,5}:
+    # top-4 takes expert 5 (0.560) where the global top-4 takes expert 3 (0.987).
+    w, idx = route(z, "sqrtsoftplus_topk", 4, groups=4, topk_groups=2, renorm=True)
+    assert idx.tolist() == [[4, 0, 1, 5]]
+    total = s[4] + s[0] + s[1] + s[5]
+    torch.testing.assert_close(w, torch.tensor([[s[4] / total, s[0] / total, s[1] / total, s[5] / total]]))
+    assert route(z, "sqrtsoftplus_topk", 4)[1].tolist() == [[4, 0, 1, 3]]
+    # With the bias, the choice's best-two sums are 2.26, 2.32, 2.02, 1.76: groups {2,3} and {0,1};
+    # its group maxima 1.146, 1.333, 1.458, 0.893 (group_max) keep {4,5} and {2,3} instead.
+    assert route(z, "sqrtsoftplus_topk", 2, bias=bias, groups=4, topk_groups=2)[1].tolist() == [[2, 0]]
+    w, idx = route(z, "sqrtsoftplus_topk+group_max", 2, bias=bias, groups=4, topk_groups=2)
+    assert idx.tolist() == [[4, 2]]
+    torch.testing.assert_close(w, torch.tensor([[s[4], s[2]]]))
 
 
 def test_correction_bias_steers_the_choice_of_every_base():
@@ -184,6 +239,76 @@ def test_cf_capacity_counts_tokens_per_leading_index():
     # Two sequences of the three tokens: each gets its own capacity (T = 3 along dim -2).
     w, idx = route(torch.stack([CAP_LOGITS, CAP_LOGITS]), "softmax_topk+cf=0.5+choice_first", 2)
     assert idx.tolist() == [CHOICE_FIRST_C1, CHOICE_FIRST_C1]
+
+
+# ----------------------------------------------------------------------------------------------
+# renorm_kept: renormalise over the slots the capacity kept (NLLB-MoE)
+# ----------------------------------------------------------------------------------------------
+
+
+def renorm_kept_by_hand(logits, top_k, capacity, scaling=1.0, choice_first=False):
+    """NLLB-MoE's top-k with normalize_router_prob_before_dropping=False, written out: softmax, top-k,
+    slots kept in arrival order up to the capacity, kept probabilities over their sum floored at
+    the float32 epsilon. (weights, idx with -1 where dropped)."""
+    probs = logits.float().softmax(dim=-1)
+    T, E = probs.shape
+    idx = probs.topk(top_k, dim=-1).indices
+    order = ([(t, j) for j in range(top_k) for t in range(T)] if choice_first
+             else [(t, j) for t in range(T) for j in range(top_k)])
+    load, kept = [0] * E, torch.zeros(T, top_k, dtype=torch.bool)
+    for t, j in order:
+        load[idx[t, j]] += 1
+        kept[t, j] = load[idx[t, j]] <= capacity
+    picked = probs.gather(-1, idx) * kept
+    weights = picked / picked.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps) * scaling
+    return weights, torch.where(kept, idx, -1)
+
+
+def test_renorm_kept_renormalises_over_the_kept_slots():
+    # Capacity 1, token by token: token 0 keeps both slots, token 1 loses both, token 2 its first.
+    p0 = CAP_LOGITS[0].softmax(-1)
+    w, idx = route(CAP_LOGITS, "softmax_topk+renorm_kept", 2, renorm=True, scaling=2.0, capacity=1)
+    assert idx.tolist() == TOKEN_MAJOR_C1
+    torch.testing.assert_close(w, torch.tensor([[2 * p0[0] / (p0[0] + p0[1]), 2 * p0[1] / (p0[0] + p0[1])],
+                                                [0.0, 0.0], [0.0, 2.0]]))
+    assert torch.equal(w, renorm_kept_by_hand(CAP_LOGITS, 2, 1, 2.0)[0])
+    # Without renorm_kept the k weights are renormalised before the drops, whatever the capacity.
+    w_before, _ = route(CAP_LOGITS, "softmax_topk", 2, renorm=True, scaling=2.0, capacity=1)
+    assert torch.equal(w_before, route(CAP_LOGITS, "softmax_topk", 2, renorm=True, scaling=2.0)[0])
+    assert (w_before[1] > 0).all()
+    # The capacity from cf, and GShard's priority: every token keeps exactly one slot, weight 1.
+    w, idx = route(CAP_LOGITS, "softmax_topk+cf=0.5+choice_first+renorm_kept", 2, renorm=True)
+    assert idx.tolist() == CHOICE_FIRST_C1
+    assert w.tolist() == [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    assert torch.equal(w, renorm_kept_by_hand(CAP_LOGITS, 2, 1, choice_first=True)[0])
+
+
+def test_renorm_kept_gradient_matches_autograd_of_a_direct_implementation():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 4, generator=g, requires_grad=True)
+    w, idx = route(logits, "softmax_topk+renorm_kept", 2, renorm=True, scaling=1.5, capacity=2)
+    w_hand, idx_hand = renorm_kept_by_hand(logits, 2, 2, 1.5)
+    kept = (idx >= 0).sum(-1).tolist()
+    assert 0 in kept and 1 in kept and 2 in kept  # tokens that lost every slot, one slot, none
+    assert torch.equal(idx, idx_hand)
+    torch.testing.assert_close(w, w_hand)
+    assert not w.isnan().any() and (w[idx < 0] == 0).all()
+    cot = torch.randn(w.shape, generator=g)
+    (got,) = torch.autograd.grad(w, [logits], cot)
+    (want,) = torch.autograd.grad(w_hand, [logits], cot)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want)
+    lost_all = torch.tensor(kept) == 0
+    assert (got[lost_all] == 0).all()  # no expert computes for them: nothing to learn
+
+
+def test_renorm_kept_needs_a_capacity_and_renormalize():
+    with pytest.raises(ValueError, match="needs renormalize=True"):
+        route(CAP_LOGITS, "softmax_topk+renorm_kept", 2, capacity=1)
+    with pytest.raises(ValueError, match="capacity > 0 or cf=F"):
+        route(CAP_LOGITS, "softmax_topk+renorm_kept", 2, renorm=True)
+    RouterKind.parse("softmax_topk+renorm_kept").check(num_experts=3, top_k=2, num_groups=1, topk_groups=1,
+                                                       renormalize=True, has_correction_bias=False)  # unknown capacity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +395,9 @@ OP_CASES = {
     "cf_choice_first": ("top1+cf=1.5+choice_first", 2, 1, 1, False, False, 1.0, 0),
     "expert_choice": ("expert_choice+cf=1.0", 2, 1, 1, False, False, 2.0, 0),
     "expert_choice_sigmoid": ("expert_choice+sigmoid", 1, 1, 1, False, False, 1.0, 3),
+    "sqrtsoftplus": ("sqrtsoftplus_topk+group_max", 3, 4, 2, True, True, 2.5, 0),
+    "renorm_kept": ("softmax_topk+renorm_kept", 3, 1, 1, False, True, 1.5, 1),
+    "renorm_kept_cf": ("sigmoid_topk+cf=0.5+choice_first+renorm_kept", 2, 1, 1, True, True, 1.0, 0),
 }
 
 
@@ -299,7 +427,7 @@ def test_opcheck_route(case):
     torch.library.opcheck(torch.ops.moec.route.default, (logits, *rest))
 
 
-@pytest.mark.parametrize("case", ["group_max", "pnorm", "topk_softmax_groups"])
+@pytest.mark.parametrize("case", ["group_max", "pnorm", "topk_softmax_groups", "sqrtsoftplus"])
 def test_opcheck_gate(case):
     logits, (bias, *attrs, _cap) = _op_args(case)
     g = torch.Generator().manual_seed(6)
@@ -312,10 +440,10 @@ def test_opcheck_gate(case):
     assert counts.tolist() == torch.bincount(idx.reshape(-1), minlength=8).tolist()
 
 
-@pytest.mark.parametrize("kind", ["top1+cf=1.0", "expert_choice+cf=1.0"])
+@pytest.mark.parametrize("kind", ["top1+cf=1.0", "expert_choice+cf=1.0", "softmax_topk+renorm_kept"])
 def test_gate_refuses_routes_with_a_capacity(kind):
     with pytest.raises(ValueError, match="keeps moec::route"):
-        torch.ops.moec.gate(torch.randn(4, 8), None, None, None, kind, 1, 1, 1, False, 1.0)
+        torch.ops.moec.gate(torch.randn(4, 8), None, None, None, kind, 1, 1, 1, True, 1.0)
 
 
 def test_verifier_reads_the_kind():
@@ -336,3 +464,8 @@ def test_verifier_reads_the_kind():
     route_node.args = (route_node.args[0], None, "softmax_topk+bogus", 2, 1, 1, False, 1.0, 0)
     with pytest.raises(IRError, match="unknown modifier"):
         verify(gm)
+    route_node.args = (route_node.args[0], None, "softmax_topk+renorm_kept", 2, 1, 1, True, 1.0, 0)
+    with pytest.raises(IRError, match="capacity > 0 or cf=F"):
+        verify(gm)
+    route_node.args = (route_node.args[0], None, "softmax_topk+renorm_kept", 2, 1, 1, True, 1.0, 2)
+    assert verify(gm) == 1

@@ -24,6 +24,9 @@ ROUTES = {
     "softmax_topk+cf=1.0+choice_first": (2, 1, 1, True, False, 0, False),
     "expert_choice+cf=1.0": (2, 1, 1, False, False, 0, False),
     "expert_choice+sigmoid": (1, 1, 1, False, False, 2, False),
+    "sqrtsoftplus_topk": (2, 2, 1, True, True, 0, True),  # DeepSeek-V4's scores: a gate like any other
+    "softmax_topk+renorm_kept": (2, 1, 1, True, False, 3, False),  # renormalised after the drops
+    "softmax_topk+cf=1.0+renorm_kept": (2, 1, 1, True, False, 0, False),
 }
 
 
@@ -63,7 +66,8 @@ def test_routes_with_a_capacity_are_left_alone(kind):
     assert torch.equal(gm(*args), want)  # numerics preserved bitwise
 
 
-@pytest.mark.parametrize("kind", ["softmax_topk+group_max+pnorm=2.0", "expert_choice+cf=1.0"])
+@pytest.mark.parametrize("kind", ["softmax_topk+group_max+pnorm=2.0", "expert_choice+cf=1.0",
+                                  "softmax_topk+cf=1.0+renorm_kept"])
 def test_pipeline_lowers_the_wider_vocabulary(kind):
     args = _inputs()
     want = _layer(kind)(*args)
