@@ -153,10 +153,11 @@ def _ep_nodes(group, ranks_per_node, timeout_s, hierarchical):
 def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     if not isinstance(model, nn.Module):
         raise TypeError(f"moec.inspect: expected an nn.Module, got {type(model).__name__}")
-    result = convert_model(model)
+    result = convert_model(model, (args, kwargs))
     counters = torch._dynamo.utils.counters
     before = dict(counters["graph_break"])
-    graphs = [gm.print_readable(print_output=False) for gm in capture_graphs(model, *args, **kwargs)]
+    graphs = [gm.print_readable(print_output=False) for gm in capture_graphs(model, *args, share_layers=True,
+                                                                             **kwargs)]
     breaks = {k: v - before.get(k, 0) for k, v in counters["graph_break"].items() if v - before.get(k, 0) > 0}
     fallbacks = list(result.fallbacks)
     fallbacks += [Fallback("graph break", f"{reason.splitlines()[0]} (x{n})") for reason, n in breaks.items()]

@@ -1,28 +1,34 @@
 """Find the MoE layers of a model and give each recognised one a canonical ``moec::`` forward.
 
-Contract: ``convert_model(root)`` walks ``root``'s modules once (the result is cached on the
-root). A module is an MoE layer candidate when one child holds a single [E, H] weight (the
-router) and another holds E experts (stacked [E, ., .] weights or a list of E MLPs), or the
-module holds the stacked weights itself. Two recognisers are tried:
+Contract: ``convert_model(root, example=None)`` finds every MoE-looking module of ``root``
+(``candidates``: a router weight and E experts in any layout, at any depth, whatever their
+names), learns how each is called (``example=(args, kwargs)``: one eager call of ``root`` is
+recorded; without one, the hidden state alone as ``[T, H]`` and ``[B, S, H]``), and recognises
+it:
 
-- components: the router and the experts are modules with their own forwards (Hugging Face
-  style: ``router(x) -> (logits, weights, idx)``, ``experts(x, idx, weights) -> out``); each gets
-  a canonical forward, and MLP-shaped siblings become ``moec::shared_expert``. The layer's own
-  glue (reshapes, a shared-expert sigmoid gate, the sum) stays as traced PyTorch.
-- block: the whole layer forward (hand-written loops over ``nn.ModuleList`` experts, bmm/einsum
-  over stacked weights, sort-and-split) is replaced by route -> dispatch -> expert_ffn ->
-  combine (+ shared expert); router kind, top-k and FFN layout are searched among candidates.
+1. observed: the layer is called with its experts zeroed one at a time, which shows the
+   routing it did, each expert's contribution and everything else it adds; a canonical layer
+   (premap, route, dispatch, expert FFN, combine, plus residual / shared / dense terms) is
+   matched to that and verified (``recognise``);
+2. components, when that fails: a router module that returns (logits, weights, choice) and an
+   experts module taking (x, choice, weights) get canonical forwards each (Hugging Face
+   style); the layer's own glue stays as traced PyTorch (``recognisers``).
 
-Either way the replacement is installed only after it reproduced the original forward on probe
-inputs. Installed forwards run only while a moec backend traces (``hook.capture_active``);
-eager calls still run the model's own code. A layer in which a stochastic module (dropout,
-router jitter) is active runs its own code in training mode. What is declined or kept is
-recorded as a ``Fallback`` with its reason.
+A replacement is installed only after it reproduced the module's own forward, per call
+signature and per mode (eval; train when the module is deterministic in training), and runs
+only while a moec backend traces (``hook.capture_active``) on a verified signature: any other
+call runs the module's own code. Identical layers (same class, tensor shapes and attributes)
+share one recognition: the plan proved on the first is bound to the others and re-verified on
+one probe each, so capture cost grows with the number of distinct layer kinds. Every
+MoE-looking module that is left alone gets a ``Fallback`` saying which step failed and how
+close the best candidate came. The result is cached on ``root``; a later call with an example
+whose signatures were not verified yet extends it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Optional, Union
 
 import torch
@@ -30,9 +36,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from moec.capture import recognisers as rec
-from moec.capture.hook import capture_active
+from moec.capture.candidates import Candidate, Orphan, find_candidates, owner_of
+from moec.capture.hook import active, capture_active
+from moec.capture.match import Miss
+from moec.capture.plan import BlockPlan
+from moec.capture.probes import (Call, call_module, copied, describe_signature, find_x, record_calls, signature_of,
+                                 synthetic_calls)
+from moec.capture.recognise import recognise, same_kind_key, verify
 from moec.capture.specs import ExpertsSpec, FFNSpec, RouterSpec, shared_expert
-from moec.ir import ops
 from moec.report import Fallback, MoELayer
 
 
@@ -42,7 +53,340 @@ class CaptureResult:
     fallbacks: list[Fallback]
 
 
-def _install(module: nn.Module, moec_forward: Callable, stochastic: bool) -> None:
+@dataclasses.dataclass
+class _Layer:
+    """What capture knows about one MoE-looking module."""
+
+    cand: Candidate
+    record: Optional[MoELayer] = None  # set once recognised (by either recogniser)
+    notes: list[Fallback] = dataclasses.field(default_factory=list)
+    plan: Optional[BlockPlan] = None  # the observed recogniser's plan
+    verified: dict = dataclasses.field(default_factory=lambda: {False: set(), True: set()})
+    tried: set = dataclasses.field(default_factory=set)  # call signatures already probed
+    calls: list = dataclasses.field(default_factory=list)  # the calls probed (recorded, else synthetic)
+    seconds: float = 0.0
+
+    def needs(self, calls: list[Call]) -> bool:
+        if self.record is not None and self.plan is None:
+            return False  # components: converted for good
+        return any(signature_of(c) not in self.tried for c in calls)
+
+
+@dataclasses.dataclass
+class _State:
+    layers: list[_Layer]
+    orphans: list[Orphan]
+    kinds: dict  # same_kind_key -> BlockPlan proved on a layer of that kind
+    result: Optional[CaptureResult] = None
+    recorded: bool = False  # a real call was recorded (probes then follow it)
+
+
+def convert_model(root: nn.Module, example: Optional[tuple[tuple, dict]] = None,
+                  rerun: Optional[Callable[[], object]] = None) -> CaptureResult:
+    """``example``: (args, kwargs) of a call of ``root``; ``rerun``: a function that makes such a
+    call (the compile hook's frame). Either is run once, eagerly, to record how each layer is
+    called; the first recording is kept, later ones are skipped."""
+    state = root.__dict__.get("_moec_capture_state")
+    if state is None:
+        candidates, orphans = find_candidates(root)
+        # Experts without a router weight: their module alone may still be recognised.
+        for orphan in orphans:
+            if orphan.readings:
+                first, *rest = orphan.readings
+                first.__dict__["alternatives"] = rest
+                first.__dict__["orphan"] = orphan
+                candidates.append(first)
+        state = _State([_Layer(c) for c in candidates], [o for o in orphans if not o.readings], {})
+        root.__dict__["_moec_capture_state"] = state
+    elif state.recorded or (example is None and rerun is None) or not state.layers:
+        return state.result
+    if example is not None:
+        rerun = lambda: root(*copied(example[0]), **copied(example[1]))  # noqa: E731
+    calls = _calls(root, state, rerun)
+    was_training = root.training
+    for layer in state.layers:
+        layer_calls = calls[layer.cand.name]
+        if not layer.needs(layer_calls):
+            continue
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            _convert(layer, state, layer_calls)
+        layer.tried |= {signature_of(c) for c in layer_calls}
+        layer.calls = layer_calls
+        layer.seconds += time.perf_counter() - start
+    root.train(was_training)
+    state.result = _result(state)
+    return state.result
+
+
+def _calls(root: nn.Module, state: _State, rerun) -> dict[str, list[Call]]:
+    """The calls to probe each layer with: recorded from one example call, else synthetic."""
+    recorded: dict[str, Call] = {}
+    if rerun is not None:
+        modules = {layer.cand.name: (layer.cand.module, layer.cand.hidden) for layer in state.layers}
+        try:
+            recorded = record_calls(root, modules, rerun)
+            state.recorded = True
+        except Exception:  # the example does not run eagerly: fall back to synthetic probes
+            recorded = {}
+    out = {}
+    for layer in state.layers:
+        cand = layer.cand
+        if cand.name in recorded:
+            out[cand.name] = [recorded[cand.name]]
+        else:
+            like = cand.module.get_parameter(cand.router) if cand.router else next(cand.module.parameters())
+            out[cand.name] = synthetic_calls(like, cand.hidden)
+            # Recorded, yet never called with a hidden state: its parts are used some other way.
+            cand.__dict__["not_called"] = bool(recorded) or state.recorded
+    return out
+
+
+def _left_alone(layer: _Layer, why: str) -> None:
+    cand = layer.cand
+    layer.notes = [Fallback(cand.name or "<root>", f"looks like an MoE layer ({cand.experts.num_experts} experts, "
+                                                   f"{cand.experts.layout}) but was left alone: {why}")]
+
+
+def _convert(layer: _Layer, state: _State, calls: list[Call]) -> None:
+    cand = layer.cand
+    runnable = [c for c in calls if not isinstance(call_module(cand.module, c), str)]
+    if not runnable:
+        why = call_module(cand.module, calls[0])
+        if not cand.router:  # router-less experts whose block is not called with a hidden state
+            orphan = cand.__dict__["orphan"]
+            layer.notes = [Fallback(orphan.name or "<root>", orphan.reason())]
+        elif layer.record is None and cand.__dict__.get("not_called"):
+            _left_alone(layer, "shapes: the model never calls it with a hidden state (its experts are used "
+                               "through other methods, as JetMoE's mixture of attention heads' map/reduce); "
+                               f"called as a layer it fails: {why}")
+        elif layer.record is None:
+            _left_alone(layer, f"shapes: it fails on a {describe_signature(signature_of(calls[0]))}: {why}")
+        return
+    if layer.plan is not None:  # recognised before: prove the plan on the new calls too
+        new = [c for c in runnable if signature_of(c) not in layer.verified[False]]
+        miss = verify(layer.plan, cand.module, new, full=True)
+        if miss is None:
+            _accept(layer, layer.plan, new)
+        else:
+            layer.notes.append(Fallback(cand.name or "<root>", f"calls as {describe_signature(signature_of(new[0]))} "
+                                                               f"run the model's own code: {miss}"))
+        return
+    if not cand.router:  # experts without a router weight: only their own module can be recognised
+        for hyp in [cand, *cand.__dict__.get("alternatives", [])]:
+            experts = _try_experts_module(hyp, [c for c in runnable if c.x.shape[-1] == hyp.hidden] or runnable)
+            if not isinstance(experts, Miss):
+                layer.cand, layer.record = hyp, experts
+                layer.notes = [Fallback(hyp.name or "<root>", "routing kept as the model's own code (no router "
+                                                              "weight next to the experts); the experts run as moec ops")]
+                return
+        orphan = cand.__dict__["orphan"]
+        layer.notes = [Fallback(orphan.name or "<root>", f"{orphan.reason()}; its experts module alone: {experts}")]
+        return
+    key = same_kind_key(cand.module)
+    plan = state.kinds.get(key)
+    if plan is None or verify(plan, cand.module, runnable, full=False) is not None:
+        plan, first_miss = None, None
+        for hyp in [cand, *cand.__dict__.get("alternatives", [])]:
+            found = recognise(hyp, runnable)
+            if not isinstance(found, Miss):
+                plan, layer.cand = found, hyp
+                state.kinds[same_kind_key(hyp.module)] = plan
+                break
+            first_miss = first_miss or found
+        if plan is None:
+            components = _try_components(cand)
+            if not isinstance(components, str):
+                layer.record, layer.notes = components
+                return
+            experts = _try_experts_module(cand, runnable)
+            if not isinstance(experts, Miss):
+                layer.record, layer.notes = experts, [Fallback(cand.name or "<root>", (
+                    f"routing kept as the model's own code (no canonical router form: {first_miss}); the experts "
+                    "run as moec ops"))]
+                return
+            _left_alone(layer, str(first_miss))
+            return
+    _accept(layer, plan, runnable)
+
+
+def _try_experts_module(cand: Candidate, calls: list[Call]):
+    """Third tier: the layer's routing stays its own code and only its experts module, called
+    with (x, expert ids, weights), becomes dispatch -> expert FFN -> combine. Verified on the
+    whole layer, forward and gradients. A ``MoELayer`` record, or a ``Miss``."""
+    from moec.capture.observe import observe
+    from moec.capture.probes import probe_call, probe_shapes
+    from moec.capture.recognise import _compare, _compare_grads, _tol, recognise_experts_module
+
+    call = calls[0]
+    probe = probe_call(call, probe_shapes(call, 32) or tuple(call.x.shape), seed=31)
+    training = cand.module.training
+    cand.module.eval()
+    try:
+        obs = observe(cand, probe)
+        if isinstance(obs, str):
+            return Miss("shapes", obs)
+        K = int(obs.member_TE.sum(-1).max())
+        found = recognise_experts_module(cand, K)
+        if isinstance(found, Miss):
+            return found
+        spec, skip = found
+        experts = owner_of(cand)
+        _install_experts(experts, spec, skip, cand.hidden, call.x.dtype)
+        for c in calls:
+            with active():
+                got = call_module(cand.module, c)
+            want = call_module(cand.module, c)
+            why = _compare(got, want, _tol(c.x.dtype)) or _compare_grads(
+                cand.module, _Active(cand.module), c, _tol(c.x.dtype))
+            if why:
+                experts.forward = experts.__dict__.pop("_moec_original_forward")
+                return Miss("verify", "the layer with its experts module replaced differs", why)
+    finally:
+        cand.module.train(training)
+    return MoELayer(
+        name=cand.name, num_experts=cand.experts.num_experts, top_k=K, hidden_size=cand.hidden,
+        expert_hidden_size=spec.ffn.expert_hidden_size, router="(the model's own)", num_shared_experts=0,
+        activation=spec.ffn.activation, expert_bias=spec.ffn.has_bias, recogniser="experts",
+    )
+
+
+class _Active:
+    """Calls a module with capture active (its installed moec forwards running)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        with active():
+            return self.module(*args, **kwargs)
+
+
+def _install_experts(experts: nn.Module, spec: ExpertsSpec, skip: bool, hidden: int, dtype: torch.dtype) -> None:
+    original = experts.__dict__.get("_moec_original_forward", experts.forward)
+    E = spec.num_experts
+
+    def forward(x, idx, weights, *args, **kwargs):
+        if capture_active() and not args and not kwargs and x.dtype == dtype and x.shape[-1] == hidden:
+            x_TH = x.reshape(-1, hidden)
+            idx_TK = idx.reshape(x_TH.shape[0], -1)
+            if skip:
+                idx_TK = torch.where(idx_TK >= E, torch.full_like(idx_TK, -1), idx_TK)
+            return spec(x_TH, idx_TK, weights.reshape(idx_TK.shape)).reshape(x.shape)
+        return original(x, idx, weights, *args, **kwargs)
+
+    experts.forward = forward
+    experts._moec_original_forward = original
+    experts.__dict__["_moec_experts_spec"] = spec
+
+
+def _accept(layer: _Layer, plan: BlockPlan, calls: list[Call]) -> None:
+    cand = layer.cand
+    layer.plan = plan
+    sigs = {signature_of(c) for c in calls}
+    layer.verified[False] |= sigs
+    layer.notes = [n for n in layer.notes if "training mode" not in n.reason]
+    train_miss = _verify_training(plan, cand.module, calls)
+    if train_miss is None:
+        layer.verified[True] |= sigs
+    else:
+        layer.notes.append(Fallback(cand.name or "<root>", f"training mode runs the model's own code: {train_miss}"))
+    if "_moec_block_installed" not in cand.module.__dict__:
+        _install(cand.module, plan, layer.verified)
+        cand.module.__dict__["_moec_block_installed"] = True
+    layer.record = _record(cand, plan)
+
+
+def _verify_training(plan: BlockPlan, module: nn.Module, calls: list[Call]) -> Optional[str]:
+    """None when the module, in training mode, is deterministic and the plan reproduces it."""
+    training = module.training
+    try:
+        module.train()
+        for call in calls:
+            outs = []
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                outs.append(call_module(module, call))
+            if isinstance(outs[0], str):
+                return f"the layer fails in training mode: {outs[0]}"
+            if not _equal(outs[0], outs[1]):
+                return "the layer is random in training mode (dropout, router noise or sampling)"
+        from moec.capture.recognise import _compare, _tol
+
+        fwd = plan.forward(module, lambda x: x.dtype)
+        for call in calls:
+            torch.manual_seed(1)
+            want = call_module(module, call)
+            got = call_module(fwd, call)
+            why = "moec's forward failed" if isinstance(got, str) else _compare(got, want, _tol(call.x.dtype))
+            if why:
+                return f"it computes something else in training mode: {why}"
+    finally:
+        module.train(training)
+    return None
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a is b or a == b
+
+
+def _install(module: nn.Module, plan: BlockPlan, verified: dict) -> None:
+    original = module.__dict__.get("_moec_original_forward", module.forward)
+    fwd = plan.forward(module, lambda x: x.dtype)
+    H = plan.hidden
+
+    def forward(*args, **kwargs):
+        if capture_active():
+            pos = find_x(args, kwargs, H)
+            if pos is not None and signature_of(Call(args, kwargs, pos)) in verified[module.training]:
+                return fwd(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    module.forward = forward
+    module._moec_original_forward = original
+
+
+def _record(cand: Candidate, plan: BlockPlan) -> MoELayer:
+    from moec.ir.routing import RouterKind
+
+    form = plan.ffn
+    shared = 0
+    for term in plan.terms:
+        if term.source == "module":
+            # A shared MLP of width n*I counts as n shared experts (DeepSeek's n_shared_experts).
+            width = term.ffn.inter if term.ffn is not None else 0
+            shared += width // form.inter if width and form.inter and width % form.inter == 0 else 1
+    rk = RouterKind.parse(plan.kind)
+    return MoELayer(
+        name=cand.name, num_experts=cand.experts.num_experts, top_k=plan.top_k, hidden_size=cand.hidden,
+        expert_hidden_size=form.inter, router=plan.kind, num_shared_experts=shared, activation=form.activation,
+        renormalize=plan.renormalize, num_groups=plan.num_groups, topk_groups=plan.topk_groups,
+        routed_scaling=plan.scaling, capacity=plan.capacity, expert_bias=bool(form.b_in or form.b_out is not None),
+        recogniser="observed",
+    ) if rk else None
+
+
+def _result(state: _State) -> CaptureResult:
+    layers, fallbacks = [], []
+    for layer in state.layers:
+        if layer.record is not None:
+            layers.append(layer.record)
+        fallbacks.extend(layer.notes)
+    for orphan in state.orphans:
+        fallbacks.append(Fallback(orphan.name or "<root>", orphan.reason()))
+    return CaptureResult(layers, fallbacks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Components: router and experts modules with routing interfaces (Hugging Face style)
+# ----------------------------------------------------------------------------------------------
+
+
+def _install_components(module: nn.Module, moec_forward: Callable, stochastic: bool) -> None:
     original = module.forward
 
     def forward(*args, **kwargs):
@@ -54,141 +398,83 @@ def _install(module: nn.Module, moec_forward: Callable, stochastic: bool) -> Non
     module._moec_original_forward = original
 
 
-def _stochastic(*modules: nn.Module) -> Optional[str]:
-    for m in modules:
-        for sub in m.modules():
-            if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
-                return f"dropout p={sub.p}"
-            for k, v in vars(sub).items():
-                if isinstance(v, float) and v > 0 and ("jitter" in k or "noise" in k):
-                    return f"{k}={v}"
-    return None
+def _stochastic(module: nn.Module, fn: Callable, probe: Callable[[], tuple]) -> bool:
+    """Whether ``fn`` gives different results on the same input in training mode."""
+    training = module.training
+    try:
+        module.train()
+        outs = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            outs.append(rec._call(fn, *probe()))
+        return not _equal(outs[0], outs[1])
+    finally:
+        module.train(training)
 
 
-def _router_candidates(module: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
-    """Children holding exactly one 2-D weight [E, H] with E >= 2: (name, child, E, H)."""
-    found = []
-    for name, child in module.named_children():
-        mats = [p for p in child.parameters() if p.dim() == 2]
-        if len(mats) == 1 and mats[0].shape[0] >= 2 and not any(p.dim() > 2 for p in child.parameters()):
-            found.append((name, child, mats[0].shape[0], mats[0].shape[1]))
-    return found
-
-
-def _experts_owner(module: nn.Module, router_name: str, E: int, H: int) -> Optional[tuple[str, nn.Module]]:
-    for name, child in module.named_children():
-        if name == router_name:
-            continue
-        found = rec.expert_container(child, H)
-        if found is not None and found[0] == E:
-            return name, child
-    found = rec.expert_container(module, H)
-    if found is not None and found[0] == E:
-        return "", module
-    return None
-
-
-def convert_model(root: nn.Module) -> CaptureResult:
-    cached = root.__dict__.get("_moec_capture")
-    if cached is not None:
-        return cached
-    layers: list[MoELayer] = []
-    fallbacks: list[Fallback] = []
-    claimed: list[str] = []
-    was_training = root.training
-    for name, module in root.named_modules():
-        if any(name == c or name.startswith(c + ".") for c in claimed):
-            continue
-        with torch.random.fork_rng(devices=[]):
-            outcome = _convert_layer(name or "<root>", module)
-        if outcome is None:
-            continue
-        claimed.append(name)
-        layer, notes = outcome
-        if layer is not None:
-            layers.append(layer)
-        fallbacks.extend(notes)
-    root.train(was_training)
-    result = CaptureResult(layers, fallbacks)
-    root.__dict__["_moec_capture"] = result
-    return result
-
-
-def _convert_layer(name: str, module: nn.Module) -> Optional[tuple[Optional[MoELayer], list[Fallback]]]:
-    reasons = []
-    for router_name, router, E, H in _router_candidates(module):
-        owner = _experts_owner(module, router_name, E, H)
-        if owner is None:
-            continue
-        experts_name, experts = owner
-        shared = [
-            (n, c) for n, c in module.named_children()
-            if n not in (router_name, experts_name) and rec.mlp_linears(c, H) is not None
-        ]
-        gates = [
-            (n, c) for n, c in module.named_children()
-            if isinstance(c, nn.Linear) and c.in_features == H and c.out_features == 1
-        ]
-        training = module.training
-        module.eval()
-        try:
-            if experts is not module and not isinstance(router, nn.Linear):
-                result = _convert_components(name, module, router, experts, E, H, shared)
-            else:
-                result = _convert_block(name, module, router, experts, E, H, shared, gates)
-        finally:
-            module.train(training)
-        if isinstance(result, str):
-            reasons.append(result)
-            continue
-        return result
-    if reasons:
-        return None, [Fallback(name, "looks like an MoE layer but was left alone: " + "; ".join(reasons))]
-    return None
-
-
-def _layer_record(name, E, H, router: RouterSpec, ffn: FFNSpec, n_shared: int, recogniser: str) -> MoELayer:
-    return MoELayer(
-        name=name, num_experts=E, top_k=router.top_k, hidden_size=H, expert_hidden_size=ffn.expert_hidden_size,
-        router=router.report_kind, num_shared_experts=n_shared, activation=ffn.activation,
-        renormalize=router.renormalize, num_groups=router.num_groups, topk_groups=router.topk_groups,
-        routed_scaling=router.scaling, capacity=router.capacity, expert_bias=ffn.has_bias, recogniser=recogniser,
+def _try_components(cand: Candidate) -> Union[tuple[MoELayer, list[Fallback]], str]:
+    module, H, E = cand.module, cand.hidden, cand.experts.num_experts
+    router_path = cand.router.rpartition(".")[0]
+    experts_path = cand.experts.owner
+    if not router_path or not experts_path or "." in router_path or "." in experts_path:
+        return "router and experts are not child modules of the layer"
+    router, experts = module.get_submodule(router_path), module.get_submodule(experts_path)
+    if isinstance(experts, (nn.ModuleList, nn.ModuleDict)) or isinstance(router, nn.Linear):
+        return "no router / experts modules with routing interfaces"
+    training = module.training
+    module.eval()
+    try:
+        r = rec.recognise_router(router, E, H)
+        if isinstance(r, str):
+            return f"router: {r}"
+        interface = "onehot" if "onehot" in r.roles else "index"
+        spec = rec.recognise_experts(experts, H, E, r.spec.top_k, interface)
+        if isinstance(spec, str):
+            return f"experts: {spec}"
+        shared = [(n, c) for n, c in module.named_children()
+                  if c is not router and c is not experts and rec.mlp_linears(c, H) is not None]
+        shared_specs, notes = [], []
+        for sname, smod in shared:
+            s = rec.recognise_shared(smod, H)
+            if isinstance(s, str):
+                notes.append(Fallback(f"{cand.name}.{sname}", f"shared expert kept as traced PyTorch: {s}"))
+                continue
+            shared_specs.append((smod, s))
+    finally:
+        module.train(training)
+    like = next(router.parameters())
+    x_probe = rec._probe_x((5, H), like, 77)
+    stochastic = _stochastic(module, router, lambda: (x_probe,))
+    if not stochastic:
+        idx = torch.arange(5 * r.spec.top_k).reshape(5, r.spec.top_k) % E
+        w = torch.full((5, r.spec.top_k), 0.5, dtype=like.dtype)
+        args = (x_probe, idx, w) if interface == "index" else (
+            x_probe, torch.nn.functional.one_hot(idx[:, :1], E).reshape(5, 1, E), w[:, :1])
+        stochastic = _stochastic(module, experts, lambda: args)
+    if stochastic:
+        notes.append(Fallback(cand.name or "<root>", "training mode runs the model's own code (the router or "
+                                                      "experts are random in training mode)"))
+    _install_components(router, r.forward(H, router.forward), stochastic)
+    _install_components(experts, _experts_forward(spec, interface), stochastic)
+    experts.__dict__["_moec_experts_spec"] = spec
+    for smod, s in shared_specs:
+        _install_components(smod, lambda x, *a, _s=s, **k: shared_expert(_s, x), False)
+    rs = r.spec
+    layer = MoELayer(
+        name=cand.name, num_experts=E, top_k=rs.top_k, hidden_size=H, expert_hidden_size=spec.ffn.expert_hidden_size,
+        router=rs.report_kind, num_shared_experts=_shared_count([s for _, s in shared_specs],
+                                                                spec.ffn.expert_hidden_size),
+        activation=spec.ffn.activation, renormalize=rs.renormalize, num_groups=rs.num_groups,
+        topk_groups=rs.topk_groups, routed_scaling=rs.scaling, capacity=rs.capacity, expert_bias=spec.ffn.has_bias,
+        recogniser="components",
     )
+    return layer, notes
 
 
 def _shared_count(shared_specs: list[FFNSpec], expert_hidden: int) -> int:
     # A fused shared MLP of width n*I counts as n shared experts (DeepSeek's n_shared_experts).
     return sum(max(1, s.expert_hidden_size // expert_hidden) if s.expert_hidden_size % expert_hidden == 0 else 1
                for s in shared_specs)
-
-
-def _convert_components(name, module, router, experts, E, H, shared):
-    r = rec.recognise_router(router, E, H)
-    if isinstance(r, str):
-        return f"router: {r}"
-    interface = "onehot" if "onehot" in r.roles else "index"
-    spec = rec.recognise_experts(experts, H, E, r.spec.top_k, interface)
-    if isinstance(spec, str):
-        return f"experts: {spec}"
-    shared_specs = []
-    notes = []
-    for sname, smod in shared:
-        s = rec.recognise_shared(smod, H)
-        if isinstance(s, str):
-            notes.append(Fallback(f"{name}.{sname}", f"shared expert kept as traced PyTorch: {s}"))
-            continue
-        shared_specs.append((smod, s))
-    stochastic = _stochastic(router, experts)
-    if stochastic:
-        notes.append(Fallback(name, f"training mode runs the model's own code ({stochastic} is active)"))
-    _install(router, r.forward(H, router.forward), bool(stochastic))
-    _install(experts, _experts_forward(spec, interface), bool(stochastic))
-    experts.__dict__["_moec_experts_spec"] = spec
-    for smod, s in shared_specs:
-        _install(smod, lambda x, *a, _s=s, **k: shared_expert(_s, x), bool(_stochastic(smod)))
-    layer = _layer_record(name, E, H, r.spec, spec.ffn, _shared_count([s for _, s in shared_specs],
-                                                                      spec.ffn.expert_hidden_size), "components")
-    return layer, notes
 
 
 def _experts_forward(spec: ExpertsSpec, interface: str):
@@ -203,117 +489,4 @@ def _experts_forward(spec: ExpertsSpec, interface: str):
     return moec_experts_forward
 
 
-# ----------------------------------------------------------------------------------------------
-# Block recogniser: the layer's forward is replaced as a whole
-# ----------------------------------------------------------------------------------------------
-
-
-def _block_probes(module, H):
-    like = next(module.parameters())
-    probes = []
-    for seed, T in enumerate((7, 16)):
-        x = rec._probe_x((1, T, H), like, 300 + seed)
-        out = rec._call(module, x)
-        if isinstance(out, str):
-            return f"forward failed on a probe: {out}"
-        probes.append((x, out))
-    return probes
-
-
-def _convert_block(name, module, router, experts, E, H, shared, gates):
-    if not isinstance(router, nn.Linear):
-        return "router is not an nn.Linear and returns no top-k choice"
-    probes = _block_probes(module, H)
-    if isinstance(probes, str):
-        return probes
-    out0 = probes[0][1]
-    extra = None
-    if isinstance(out0, tuple):
-        if len(out0) == 2 and isinstance(out0[1], Tensor) and out0[1].shape[-1] == E:
-            extra = "logits"
-        else:
-            return "forward returns a tuple moec cannot reproduce"
-    elif not isinstance(out0, Tensor):
-        return "forward does not return a tensor"
-    found = rec.expert_container(experts, H)
-    ffn_candidates = found[1]()
-    if isinstance(ffn_candidates, str):
-        return f"experts: {ffn_candidates}"
-    if isinstance(experts, (nn.ModuleList, nn.ModuleDict)) or experts is not module and not list(
-        experts.parameters(recurse=False)
-    ):
-        ffn_candidates = _verify_first_expert(list(experts.children())[0], ffn_candidates, H)
-        if isinstance(ffn_candidates, str):
-            return f"experts: {ffn_candidates}"
-    shared_specs = []
-    for sname, smod in shared:
-        s = rec.recognise_shared(smod, H)
-        if isinstance(s, str):
-            return f"shared expert {sname}: {s}"
-        shared_specs.append(s)
-    gate_options = [None] + [g for _, g in gates] if shared_specs else [None]
-    ints = rec._int_attrs(module, router)
-    ks = [k for k in sorted(ints) if 1 <= k <= E] + [k for k in (1, 2) if k not in ints and k <= E]
-    route_candidates = [
-        (top_k, kind, renorm)
-        for top_k in ks
-        for kind, renorm, _, _, _, _ in rec._route_candidates(E, top_k, set(), [(None, None)], [0])
-    ]
-    for top_k, kind, renorm in route_candidates:
-        router_spec = RouterSpec(kind, top_k, E, renorm, fetch=lambda r=router: (r.weight, r.bias, None))
-        for ffn in ffn_candidates:
-            experts_spec = ExpertsSpec(ffn, E)
-            for gate in gate_options:
-                fwd = _block_forward(router, router_spec, experts_spec, shared_specs, gate, H, extra)
-                if all(_same_output(rec._call(fwd, x), out) for x, out in probes):
-                    stochastic = _stochastic(module)
-                    notes = []
-                    if stochastic:
-                        notes.append(Fallback(name, f"training mode runs the model's own code ({stochastic} is active)"))
-                    _install(module, fwd, bool(stochastic))
-                    module.__dict__["_moec_experts_spec"] = experts_spec
-                    layer = _layer_record(name, E, H, router_spec, ffn,
-                                          _shared_count(shared_specs, ffn.expert_hidden_size), "block")
-                    return layer, notes
-    return (f"no canonical MoE layer (router kinds x top-k {ks} x {len(ffn_candidates)} FFN layouts) "
-            "reproduces its forward")
-
-
-def _same_output(got, want) -> bool:
-    if isinstance(want, tuple):
-        return isinstance(got, tuple) and len(got) == len(want) and all(rec._close(g, w) for g, w in zip(got, want))
-    return isinstance(got, Tensor) and rec._close(got, want)
-
-
-def _verify_first_expert(expert: nn.Module, candidates: list[FFNSpec], H: int) -> Union[list[FFNSpec], str]:
-    """Keep the candidates that reproduce one expert MLP on its own (cheap, narrows the search)."""
-    like = next(expert.parameters())
-    x = rec._probe_x((9, H), like, 400)
-    want = rec._call(expert, x)
-    if not isinstance(want, Tensor):
-        return f"expert forward failed on a probe: {want}"
-    kept = []
-    for c in candidates:
-        w_in, w_out, b_in, b_out = c.fetch()
-        got = rec._call(ops.ffn_reference, x, w_in[0], w_out[0], None if b_in is None else b_in[0],
-                        None if b_out is None else b_out[0], *c.attrs())
-        if isinstance(got, Tensor) and rec._close(got, want):
-            kept.append(c)
-    return kept or "no canonical FFN reproduces an expert MLP"
-
-
-def _block_forward(router, router_spec, experts_spec, shared_specs, gate, H, extra):
-    def moec_block_forward(x, *args, **kwargs):
-        x_TH = x.reshape(-1, H)
-        logits = router(x_TH)
-        weights, idx = router_spec.route(logits)
-        out = experts_spec(x_TH, idx, weights)
-        for s in shared_specs:
-            y = shared_expert(s, x_TH)
-            if gate is not None:
-                y = torch.sigmoid(gate(x_TH)) * y
-            out = out + y
-        out = out.reshape(x.shape)
-        return (out, logits) if extra == "logits" else out
-
-    return moec_block_forward
+__all__ = ["CaptureResult", "convert_model", "RouterSpec"]

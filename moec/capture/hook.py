@@ -9,16 +9,24 @@ Contract:
   is how ``torch.compile(model, backend="moec")`` captures MoE layers whose eager code would
   otherwise graph-break, with no moec call in user code.
 
+- The frame's function is run once more, eagerly, on its own arguments (``frame_example``) so
+  that capture learns how each MoE layer is really called (``convert_model(..., rerun=)``).
+- ``torch.compile(module, backend="moec")`` traces through the module's call
+  (``_compile_modules_through_call``), so that a module converted at the start of its own
+  compile (an MoE layer compiled alone) is traced with its canonical forward.
+
 Dynamo exposes no public way to see the frame or backend of a compile from its start callback,
-so ``_compiling_frame`` reads them from ``torch._dynamo.convert_frame._compile``'s locals. torch
-is pinned; ``tests/capture/test_hook.py`` fails loudly if that changes.
+so ``_compiling_frame`` reads them from ``torch._dynamo.convert_frame._compile``'s locals.
+``tests/capture/test_hook.py`` fails loudly if that changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
-from typing import Any, Optional
+import types
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -57,13 +65,39 @@ def is_moec_backend(fn: Any) -> bool:
     return False
 
 
-def _compiling_frame() -> Optional[tuple[dict, Any]]:
+def _compiling_frame() -> Optional[tuple[dict, Any, dict]]:
+    """(the frame's locals, its backend, what re-running it needs) of the compile in progress."""
     f = sys._getframe(1)
     while f is not None:
         if f.f_code.co_name == "_compile" and f.f_globals.get("__name__") == "torch._dynamo.convert_frame":
-            return f.f_locals.get("locals") or {}, f.f_locals.get("compiler_fn")
+            loc = f.f_locals
+            rerun = {k: loc.get(k) for k in ("code", "globals", "closure")}
+            return loc.get("locals") or {}, loc.get("compiler_fn"), rerun
         f = f.f_back
     return None
+
+
+def frame_example(local_vars: dict, rerun: dict) -> Optional[Callable[[], Any]]:
+    """A function that runs the frame being compiled again, eagerly, on its own arguments (how
+    its modules are called is then recorded); None for dynamo's resume frames."""
+    code = rerun.get("code")
+    if code is None or code.co_name.startswith("torch_dynamo_resume") or rerun.get("globals") is None:
+        return None
+    n_pos, n_kw = code.co_argcount, code.co_kwonlyargcount
+    names = code.co_varnames
+    try:
+        positional = [local_vars[n] for n in names[:n_pos]]
+        kwonly = {n: local_vars[n] for n in names[n_pos:n_pos + n_kw]}
+        at = n_pos + n_kw
+        varargs = list(local_vars[names[at]]) if code.co_flags & inspect.CO_VARARGS else []
+        at += bool(code.co_flags & inspect.CO_VARARGS)
+        varkw = dict(local_vars[names[at]]) if code.co_flags & inspect.CO_VARKEYWORDS else {}
+        fn = types.FunctionType(code, rerun["globals"], code.co_name, None, rerun.get("closure"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    from moec.capture.probes import copied
+
+    return lambda: fn(*copied(positional), *copied(varargs), **copied(kwonly), **copied(varkw))
 
 
 def _on_compile_start(args) -> None:
@@ -75,9 +109,10 @@ def _on_compile_start(args) -> None:
         return
     from moec.capture.convert import convert_model
 
+    rerun = frame_example(found[0], found[2])
     for value in found[0].values():
         if isinstance(value, nn.Module):
-            convert_model(value)
+            convert_model(value, rerun=rerun)
     _active_depth += 1
 
 
@@ -96,8 +131,40 @@ class _KeepMoec(list):
         self.extend(keep)
 
 
+def _compile_modules_through_call() -> None:
+    """``torch.compile(module, backend="moec")``: trace the module's call, not its forward.
+
+    Dynamo compiles the forward a module had when it was called; a module converted by the
+    compile-start hook of that very frame (an MoE layer compiled on its own) would trace its own
+    code once. Wrapping the top frame (dynamo's ``wrap_inline``, what it does for torch.nn
+    modules and under ``config.wrap_top_frame``) resolves ``forward`` while tracing, after the
+    hook. Only moec compiles are wrapped: ``OptimizedModule._initialize`` is patched to do so
+    when its backend is moec's."""
+    from torch._dynamo import eval_frame, external_utils
+
+    cls = eval_frame.OptimizedModule
+    original = cls._initialize
+    if getattr(original, "_moec", False):
+        return
+
+    def _initialize(self) -> None:
+        original(self)
+        ctx = self.dynamo_ctx
+        if isinstance(ctx, eval_frame.DisableContext) or not is_moec_backend(getattr(ctx, "callback", None)):
+            return
+        wrapped = ctx(external_utils.wrap_inline(self._orig_mod))
+        if hasattr(self._orig_mod, "_initialize_hook"):
+            self._forward = wrapped
+        else:
+            self.forward = wrapped
+
+    _initialize._moec = True
+    cls._initialize = _initialize
+
+
 def install() -> None:
     """Register the compile hooks once per process (idempotent)."""
+    _compile_modules_through_call()
     handler = torch._dynamo.callback.callback_handler
     for attr, cb in (("start_callbacks", _on_compile_start), ("end_callbacks", _on_compile_end)):
         callbacks = getattr(handler, attr)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from moec.capture.observe import overwritten
 from moec.capture.specs import ExpertsSpec, FFNSpec, RouterSpec
 from moec.ir import ops
 
@@ -242,19 +243,11 @@ def _perturbed_vectors(module: nn.Module, num_experts: int):
     so routing with and without it agree and the probes could not tell that the router adds it:
     the layer would then be silently wrong once trained values are loaded.
     """
-    saved = []
     gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for _, t in _vectors_E(module, num_experts):
-            if t.is_floating_point():
-                saved.append((t, t.detach().clone()))
-                t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(0.5).to(t.dtype))
-    try:
+    values = [(t, torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(0.5))
+              for _, t in _vectors_E(module, num_experts) if t.is_floating_point()]
+    with overwritten(values):
         yield
-    finally:
-        with torch.no_grad():
-            for t, old in saved:
-                t.copy_(old)
 
 
 def recognise_router(module: nn.Module, num_experts: int, hidden: int) -> Union[RouterRecognition, Declined]:

@@ -29,6 +29,7 @@ class RouterSpec:
     # () -> (w_EH, b_E or None, correction_bias_E or None)
     fetch: Callable[[], tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = dataclasses.field(repr=False, default=None)
     logits_dtype: Optional[torch.dtype] = None
+    logit_scale: float = 1.0
 
     def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         _, _, correction_bias = self.fetch()
@@ -40,7 +41,8 @@ class RouterSpec:
     def logits(self, x: Tensor) -> Tensor:
         w_EH, b_E, _ = self.fetch()
         dtype = self.logits_dtype or x.dtype
-        return torch.nn.functional.linear(x.to(dtype), w_EH.to(dtype), None if b_E is None else b_E.to(dtype))
+        logits = torch.nn.functional.linear(x.to(dtype), w_EH.to(dtype), None if b_E is None else b_E.to(dtype))
+        return logits if self.logit_scale == 1.0 else logits * self.logit_scale
 
     @property
     def report_kind(self) -> str:
@@ -80,6 +82,9 @@ class ExpertsSpec:
     # Set with a placement plan: (slots, slot_counts, shares) as ``moec.ir.parallel`` takes them;
     # this rank's parameters hold the experts the plan lists for it.
     placement: Optional[tuple] = None
+    # The routing weight scales each token's row before its expert, and the experts' outputs are
+    # summed unweighted (Llama-4), instead of weighting the outputs.
+    input_scaled: bool = False
 
     def weights(self) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         """All experts' (w_in, w_out, b_in, b_out); gathered from the ranks when sharded (the
@@ -99,6 +104,11 @@ class ExpertsSpec:
         """dispatch -> expert_ffn -> combine: out [T, H] in x's dtype."""
         token_N, slot_N, counts_E = torch.ops.moec.dispatch(idx_TK, self.num_experts)
         w_in, w_out, b_in, b_out = self.weights()
+        if self.input_scaled:
+            rows_NH = x_TH[token_N] * weights_TK.reshape(-1)[slot_N].unsqueeze(-1).to(x_TH.dtype)
+            every_N = torch.arange(rows_NH.shape[0], device=x_TH.device)
+            y_NH = torch.ops.moec.expert_ffn(rows_NH, every_N, counts_E, w_in, w_out, b_in, b_out, *self.ffn.attrs())
+            return torch.ops.moec.combine(y_NH, slot_N, torch.ones_like(weights_TK)).to(x_TH.dtype)
         y_NH = torch.ops.moec.expert_ffn(x_TH, token_N, counts_E, w_in, w_out, b_in, b_out, *self.ffn.attrs())
         return torch.ops.moec.combine(y_NH, slot_N, weights_TK).to(x_TH.dtype)
 

@@ -8,6 +8,8 @@ route alone, the GEMM moves into the gate too. Returns the graph and the number 
 Numerics: preserved; ``gate`` computes exactly the linear and route it replaces.
 
 Preconditions: route nodes are only read through ``getitem`` (as dynamo and AOT graphs do).
+Unused pure computations on the logits are erased first (a router module's own top-k, left by
+capture when it calls the module for its logits).
 Left alone: routes with a capacity (``moec.ir.routing.has_capacity``: a fixed ``capacity``, a
 ``cf=F`` kind, or ``expert_choice``; the drops need the dispatch order, so they keep
 ``route``/``dispatch``), and dispatches whose expert count differs from the logits' width.
@@ -50,6 +52,7 @@ def fuse_gating(gm: torch.fx.GraphModule, example_inputs=None) -> tuple[torch.fx
         logits, correction_bias, kind, top_k, num_groups, topk_groups, renormalize, scaling, capacity = route.args
         if has_capacity(kind, capacity) or not only_getitem_users(route):
             continue
+        _drop_dead_uses(graph, logits)
         fused = _linear_args(logits)
         x, w, b = fused if fused is not None else (logits, None, None)
         with graph.inserting_before(route):
@@ -83,6 +86,27 @@ def fuse_gating(gm: torch.fx.GraphModule, example_inputs=None) -> tuple[torch.fx
     _erase_dead(gm, "dispatch")
     gm.recompile()
     return gm, changed
+
+
+def _pure(node: Node) -> bool:
+    name = getattr(node.target, "__name__", str(node.target))
+    return node.op in ("call_function", "call_method") and not name.endswith("_") and not node.is_impure()
+
+
+def _drop_dead_uses(graph: torch.fx.Graph, logits: Node) -> None:
+    """Erase the unused pure computations on ``logits`` (a router module's own softmax and top-k,
+    left when capture calls the module for its logits), so that the route is their only user.
+    Nothing that writes in place is touched: dynamo graphs hold ``copy_`` calls without users."""
+    seen, stack = {logits}, [logits]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    seen.discard(logits)
+    for node in reversed(list(graph.nodes)):
+        if node in seen and not node.users and _pure(node):
+            graph.erase_node(node)
 
 
 def _erase_dead(gm: torch.fx.GraphModule, name: str) -> None:

@@ -202,9 +202,11 @@ def test_codegen_prints_the_layer_kernels_from_the_ir(capsys):
     assert main(["codegen", "hf:gpt_oss", "--layer", "1", "--target", "interpret"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# moec codegen hf:gpt_oss --layer 1 (MoE layer 1 of 2")
-    # GPT-OSS's layer, read off the lowered graph: top-k then softmax, router bias, clamped SwiGLU
-    # on interleaved gate/up columns with expert biases.
-    for needle in ("router_kind='topk_softmax'", "has_router_bias=True", "activation='clamped_swiglu'",
+    # GPT-OSS's layer, read off the lowered graph: top-k then softmax (softmax then top-k
+    # renormalised is the same router), router bias, clamped SwiGLU on interleaved gate/up
+    # columns with expert biases.
+    assert "router_kind='topk_softmax'" in out or ("router_kind='softmax_topk'" in out and "renormalize=True" in out)
+    for needle in ("has_router_bias=True", "activation='clamped_swiglu'",
                    "interleaved=True", "limit=7.0", "has_bias_in=True", "has_bias_out=True", "@triton.jit"):
         assert needle in out, needle
     compile(out, "<codegen>", "exec")  # the printed module is valid Python

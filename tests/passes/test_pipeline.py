@@ -65,7 +65,7 @@ def test_golden_mixtral_layer_before_and_after_pipeline():
         "dispatch0 = moec::dispatch(route0[1], 8)",
         "expert_ffn0 = moec::expert_ffn(f32[16, 64], dispatch0[0], dispatch0[2], f32[8, 64, 64], f32[8, 64, 32], "
         "None, None, 'swiglu', False, False, 1.0, 0.0)",
-        "combine0 = moec::combine(expert_ffn0, dispatch0[1], f32[16, 2])",
+        "combine0 = moec::combine(expert_ffn0, dispatch0[1], route0[0])",
     ]
     gm, _ = run_pipeline(gm, target="reference", check=True)
     assert format_moec_ops(gm).splitlines()[:4] == [
@@ -74,7 +74,7 @@ def test_golden_mixtral_layer_before_and_after_pipeline():
         "grouped_gemm_act0 = moec::grouped_gemm_act(f32[16, 64], permute0[0], gate0[2], f32[8, 64, 64], None, "
         "'swiglu', False, False, 1.0, 0.0)",
         "grouped_gemm_combine0 = moec::grouped_gemm_combine(grouped_gemm_act0, permute0[1], gate0[2], "
-        "f32[8, 64, 32], None, f32[16, 2], False)",
+        "f32[8, 64, 32], None, gate0[0], False)",
     ]
 
 

@@ -1,0 +1,181 @@
+"""A recognised MoE layer as a plan: what to compute, named by paths inside the layer.
+
+Contract: a ``BlockPlan`` is everything ``recognise`` proved about one layer: what the router
+and experts read (``premap``), the router (weight, bias, correction bias and its ``moec.ir``
+routing attributes), the experts' FFN form, the other summands of the output (``terms``) and
+the output's structure. Every tensor and module is named by its path relative to the layer, so
+a plan proved on one layer can be bound to another layer of the same kind (``bind``) and
+re-verified there cheaply. ``BlockPlan.forward(module)`` is the layer's canonical forward:
+ordinary traced PyTorch for the premap and the terms, ``moec::`` ops for the routed experts.
+
+Legend: T tokens, H hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from moec.capture.candidates import ExpertGroup
+from moec.capture.match import FFNForm, Term
+from moec.capture.probes import Call, find_x
+from moec.capture.specs import ExpertsSpec, FFNSpec, RouterSpec
+
+
+@dataclasses.dataclass
+class Output:
+    """The layer's output: the hidden-state-shaped tensor at ``main_pos`` (-1: the output itself)
+    and what each other element of a tuple output is ("logits", or None)."""
+
+    main_pos: int = -1
+    extras: tuple = ()  # per position: "main" | "logits" | "none" | ("router", i): the router module's output i
+    logits_shape: str = "flat"  # "flat": [T, E]; "input": the input's leading dims + [E]
+    container: type = tuple
+    flat: bool = False  # the hidden-state output is [T, H] whatever the input's rank
+
+
+@dataclasses.dataclass
+class BlockPlan:
+    hidden: int
+    experts: ExpertGroup
+    router: str
+    router_transposed: bool
+    router_bias: Optional[str]
+    correction: Optional[str]
+    kind: str
+    top_k: int
+    num_groups: int
+    topk_groups: int
+    renormalize: bool
+    scaling: float
+    capacity: int
+    ffn: FFNForm
+    premap: Optional[str]
+    terms: list[Term]
+    output: Output
+    logits_dtype: Optional[torch.dtype] = None  # None: the hidden state's dtype
+    route_leading: bool = False  # route over the input's leading dims (per-sequence capacity)
+    # The router weight's module, called on x' for the logits (its output, or element i of it):
+    # hooks on it (transformers records router logits so) see the call the layer's own code makes.
+    router_call: Optional[tuple[str, int]] = None
+    # Each token is scaled by its routing weight before the expert, whose outputs are then summed
+    # unweighted (Llama-4), instead of the expert's output being weighted.
+    input_scaled: bool = False
+    logit_scale: float = 1.0  # the router's logits are x' W^T times this
+    unit_weights: bool = False  # every chosen expert's output is added with weight 1
+
+    # Bound per layer (``bind``): the specs read the layer's live tensors.
+    def router_spec(self, module: nn.Module) -> RouterSpec:
+        w_name, tr, b_name, c_name = self.router, self.router_transposed, self.router_bias, self.correction
+
+        def fetch():
+            w = module.get_parameter(w_name)
+            return (w.t() if tr else w, _tensor(module, b_name), _tensor(module, c_name))
+
+        return RouterSpec(self.kind, self.top_k, self.experts.num_experts, self.renormalize, self.num_groups,
+                          self.topk_groups, self.scaling, self.capacity, fetch=fetch, logits_dtype=self.logits_dtype,
+                          logit_scale=self.logit_scale)
+
+    def experts_spec(self, module: nn.Module) -> ExpertsSpec:
+        from moec.capture.match import stacker
+        from moec.capture.candidates import Candidate
+
+        cand = Candidate("", module, self.experts, self.router, self.router_transposed, self.hidden)
+        _, stacked = stacker(cand)
+        form = self.ffn
+
+        def fetch():
+            return form.build(stacked)
+
+        act, transposed, interleaved, alpha, limit = form.attrs
+        ffn = FFNSpec(act, transposed, interleaved, self.hidden, form.inter, alpha, limit,
+                      bool(form.b_in or form.b_out is not None), fetch,
+                      sources=stacked.__dict__.get("sources", ()))
+        return ExpertsSpec(ffn, self.experts.num_experts, input_scaled=self.input_scaled)
+
+    def forward(self, module: nn.Module, dtype_of: Callable[[Tensor], torch.dtype]) -> Callable:
+        """The canonical forward of ``module`` (called with the layer's own arguments)."""
+        router, experts = self.router_spec(module), self.experts_spec(module)
+        module.__dict__["_moec_experts_spec"] = experts
+        premap = None if self.premap is None else module.get_submodule(self.premap)
+        terms = [(t, None if t.module is None or t.source == "tensor" else module.get_submodule(t.module),
+                  None if t.gate is None else module.get_submodule(t.gate)) for t in self.terms]
+        H, out_spec = self.hidden, self.output
+        router_mod = None if self.router_call is None else module.get_submodule(self.router_call[0])
+
+        def moec_block_forward(*args, **kwargs):
+            x_pos = find_x(args, kwargs, H)
+            x = Call(args, kwargs, x_pos).x
+            x_TH = x.reshape(-1, H)
+            xp = x if premap is None else premap(x)
+            xp_TH = xp.reshape(-1, H)
+            if router_mod is None:
+                logits = router.logits(xp_TH)
+                router_out = None
+            else:
+                router_out = router_mod(xp_TH)
+                logits = router_out if self.router_call[1] < 0 else router_out[self.router_call[1]]
+            if self.route_leading:  # a capacity per sequence: route [B, S, E], flatten after
+                weights, idx = router.route(logits.reshape(*x.shape[:-1], -1))
+                weights, idx = weights.reshape(-1, weights.shape[-1]), idx.reshape(-1, idx.shape[-1])
+            else:  # route output straight into dispatch: what fuse_gating matches
+                weights, idx = router.route(logits)
+            out_TH = experts(xp_TH, idx, torch.ones_like(weights) if self.unit_weights else weights)
+            for term, mod, gate in terms:
+                if term.source == "input":
+                    y = x_TH
+                elif term.source == "tensor":
+                    y = _tensor(module, term.module)
+                elif term.ffn is not None:
+                    y = _shared_expert(term.ffn, mod, xp_TH)
+                else:
+                    y = _first(mod(xp)).reshape(-1, H)
+                if gate is not None:
+                    y = torch.sigmoid(_first(gate(xp)).reshape(-1, 1)) * y
+                out_TH = out_TH + (y if term.coef == 1.0 else term.coef * y)
+            out = out_TH.to(dtype_of(x))
+            out = out if out_spec.flat else out.reshape(x.shape)
+            if out_spec.main_pos < 0:
+                return out
+            items = []
+            for what in out_spec.extras:
+                if what == "main":
+                    items.append(out)
+                elif what == "logits":
+                    items.append(logits if out_spec.logits_shape == "flat" else logits.reshape(*x.shape[:-1], -1))
+                elif isinstance(what, tuple):
+                    items.append(router_out if what[1] < 0 else router_out[what[1]])
+                else:
+                    items.append(None)
+            return out_spec.container(items)
+
+        return moec_block_forward
+
+    def describe(self) -> str:
+        parts = [f"router {self.kind} top-{self.top_k}", f"experts {self.ffn.describe()}"]
+        if self.premap:
+            parts.insert(0, f"pre {self.premap}")
+        parts += [f"+ {t.describe()}" + (" (shared expert)" if t.ffn else "") for t in self.terms]
+        return ", ".join(parts)
+
+
+def _tensor(module: nn.Module, name: Optional[str]) -> Optional[Tensor]:
+    if name is None:
+        return None
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+
+def _shared_expert(form: FFNForm, module: nn.Module, xp_TH: Tensor) -> Tensor:
+    names = [n for n, _ in module.named_parameters()]
+    w_in, w_out, b_in, b_out = form.build(lambda i: module.get_parameter(names[i]).unsqueeze(0))
+    return torch.ops.moec.shared_expert(xp_TH, w_in[0], w_out[0], None if b_in is None else b_in[0],
+                                        None if b_out is None else b_out[0], *form.attrs)
+
+
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out

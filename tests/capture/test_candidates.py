@@ -1,0 +1,122 @@
+"""Candidate discovery finds MoE-looking modules from their parameters, whatever they are called
+and wherever they sit, and never takes a stack of identical layers for experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moec.capture.candidates import find_candidates
+
+H, I, E = 16, 8, 4
+
+
+class Lin(nn.Module):
+    """A hand-written linear that is not nn.Linear, stored [in, out]."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(i, o))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Lin(H, I), Lin(I, H)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class Deep(nn.Module):
+    """Router as a bare [H, E] parameter; experts two containers down."""
+
+    def __init__(self):
+        super().__init__()
+        self.scores = nn.Parameter(torch.randn(H, E))
+        self.inner = nn.Module()
+        self.inner.bank = nn.ModuleDict({f"e{i}": Expert() for i in range(E)})
+
+
+class Siblings(nn.Module):
+    """Stacked experts split over two child modules (JetMoE's ParallelExperts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.route = nn.Linear(H, E)
+        self.up, self.down = nn.Module(), nn.Module()
+        self.up.weight = nn.Parameter(torch.randn(E, 2 * I, H))
+        self.down.weight = nn.Parameter(torch.randn(E, H, I))
+
+
+class Flat(nn.Module):
+    """DBRX: per-expert matrices flattened [E*I, H], next to an attention with square weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.q, self.attn.k = nn.Parameter(torch.randn(H, H)), nn.Parameter(torch.randn(H, H))
+        self.ffn = nn.Module()
+        self.ffn.router = nn.Linear(H, E, bias=False)
+        self.ffn.mlp = nn.Module()
+        for n in ("w1", "v1", "w2"):
+            setattr(self.ffn.mlp, n, nn.Parameter(torch.randn(E * I, H)))
+
+
+class AllInOne(nn.Module):
+    """Every tensor a bare parameter of one module: router [E, H] beside b_out [E, H]."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(E, H, I))
+        self.b_in = nn.Parameter(torch.randn(E, I))
+        self.w_out = nn.Parameter(torch.randn(E, I, H))
+        self.b_out = nn.Parameter(torch.randn(E, H))
+        self.router = nn.Parameter(torch.randn(E, H))
+
+
+def _one(model):
+    cands, orphans = find_candidates(model)
+    assert len(cands) == 1 and not orphans, (cands, orphans)
+    return cands[0]
+
+
+def test_router_parameter_and_experts_at_any_depth():
+    c = _one(nn.Sequential(Deep()))
+    assert (c.name, c.router, c.router_transposed, c.hidden) == ("0", "scores", True, H)
+    assert (c.experts.owner, c.experts.layout, c.experts.num_experts) == ("inner.bank", "modules", E)
+
+
+def test_stacked_experts_in_sibling_modules():
+    c = _one(Siblings())
+    assert c.experts.layout == "stacked" and sorted(c.experts.names) == ["down.weight", "up.weight"]
+    assert c.router == "route.weight"
+
+
+def test_flat_experts_pair_with_the_nearest_router_only():
+    c = _one(Flat())
+    assert (c.name, c.experts.layout, c.experts.num_experts, c.router) == ("ffn", "flat", E, "router.weight")
+
+
+def test_router_parameter_beside_stacked_experts():
+    c = _one(AllInOne())
+    readings = [c, *c.__dict__["alternatives"]]
+    assert {"router", "b_out"} <= {r.router for r in readings}  # either [E, H] could be the router
+    assert readings[0].experts.layout == "stacked"
+
+
+def test_a_stack_of_identical_layers_is_not_experts():
+    # Two identical blocks, each small enough to look like an expert, each holding an MoE layer.
+    model = nn.ModuleList([nn.Sequential(Deep()) for _ in range(2)])
+    cands, orphans = find_candidates(model)
+    assert [c.name for c in cands] == ["0.0", "1.0"] and not orphans
+
+
+def test_experts_without_a_router_are_reported_as_orphans():
+    m = nn.Module()
+    m.experts = nn.ModuleList(Expert() for _ in range(E))
+    cands, orphans = find_candidates(m)
+    assert not cands and [(o.name, o.num_experts) for o in orphans] == [("experts", E)]

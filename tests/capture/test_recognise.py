@@ -1,0 +1,127 @@
+"""The observed recogniser: what it refuses and why, how close it came, identical layers sharing
+one recognition, and calls it did not verify running the layer's own code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moec
+from moec.capture import convert_model, recognise as recognise_mod
+
+H, I, E, K = 16, 8, 4, 2
+
+
+class Layer(nn.Module):
+    """softmax -> top-k -> renormalise, stacked SwiGLU experts; ``variant`` breaks one step."""
+
+    def __init__(self, variant: str = "plain", seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.variant = variant
+        self.gate = nn.Linear(H, E, bias=False)
+        self.w_in = nn.Parameter(torch.randn(E, 2 * I, H, generator=g) / H**0.5)
+        self.w_out = nn.Parameter(torch.randn(E, H, I, generator=g) / I**0.5)
+        with torch.no_grad():
+            self.gate.weight.copy_(torch.randn(E, H, generator=g) / H**0.5)
+        self.norm = nn.LayerNorm(H)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, H)
+        logits = self.gate(x)
+        if self.variant == "odd_router":  # a router no canonical form has: squared logits
+            logits = logits * logits
+        w, idx = logits.softmax(-1).topk(K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where(idx == e)
+            h = F.linear(x[tok], self.w_in[e])
+            a = F.silu(h[:, :I]) * h[:, I:]
+            if self.variant == "dropout":
+                a = self.drop(a)
+            out.index_add_(0, tok, F.linear(a, self.w_out[e]) * w[tok, slot, None])
+        if self.variant == "post_norm":  # a norm after the experts' sum
+            out = self.norm(out)
+        return out.reshape(shape)
+
+
+def _fallbacks(model, x):
+    return [f.reason for f in moec.inspect(model, x).fallbacks]
+
+
+@pytest.mark.parametrize("variant,step,closeness", [
+    ("post_norm", "combine", "of the routed output"),
+    ("odd_router", "router", "of tokens' expert sets reproduced"),
+])
+def test_a_layer_left_alone_says_which_step_failed_and_how_close(variant, step, closeness):
+    model = Layer(variant).eval()
+    report = moec.inspect(model, torch.randn(2, 8, H))
+    assert not report.moe_layers
+    (reason,) = [f.reason for f in report.fallbacks if f.location == "<root>"]
+    assert "looks like an MoE layer (4 experts, stacked) but was left alone" in reason
+    assert f": {step}: " in reason and closeness in reason, reason
+
+
+def test_the_plain_layer_is_recognised():
+    model = Layer().eval()
+    report = moec.inspect(model, torch.randn(2, 8, H))
+    (layer,) = report.moe_layers
+    assert (layer.num_experts, layer.top_k, layer.router, layer.renormalize, layer.activation) == (
+        E, K, "softmax_topk", True, "swiglu")
+    assert report.graph_breaks == 0 and not report.fallbacks
+
+
+def test_random_in_training_mode_runs_its_own_code_there():
+    model = Layer("dropout").eval()
+    x = torch.randn(2, 8, H)
+    report = moec.inspect(model, x)
+    assert [layer.name for layer in report.moe_layers] == [""]
+    assert any("training mode runs the model's own code" in f.reason for f in report.fallbacks)
+    compiled = torch.compile(model, backend="moec", options={"inner": "aot_eager"})
+    torch.testing.assert_close(compiled(x), model(x))  # eval: the canonical forward
+
+
+class Stack(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(seed=i) for i in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def test_identical_layers_share_one_recognition(monkeypatch):
+    calls = []
+    real = recognise_mod.recognise
+
+    def counting(cand, probes):
+        calls.append(cand.name)
+        return real(cand, probes)
+
+    monkeypatch.setattr("moec.capture.convert.recognise", counting)
+    model = Stack(6).eval()
+    x = torch.randn(2, 8, H)
+    result = convert_model(model, ((x,), {}))
+    assert [layer.name for layer in result.layers] == [f"layers.{i}" for i in range(6)]
+    assert calls == ["layers.0"]  # the other five were bound to its plan and re-verified
+    compiled = torch.compile(model, backend="moec", options={"inner": "aot_eager"})
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_a_call_unlike_the_verified_ones_runs_the_layer_own_code():
+    from torch._dynamo.utils import counters
+
+    model = Layer().eval()
+    convert_model(model, ((torch.randn(2, 8, H),), {}))  # verified for [B, S, H] float32 input
+    x = torch.randn(5, H, dtype=torch.float64)  # another rank and dtype: not verified
+    model.double()
+    compiled = torch.compile(model, backend="moec", options={"inner": "aot_eager"})
+    torch.testing.assert_close(compiled(x), model(x))
+    assert counters["graph_break"]  # the layer's own loop ran, with its breaks: no silent rewrite
