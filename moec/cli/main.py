@@ -1,6 +1,7 @@
 """The ``moec`` command: ``moec inspect [SPEC]``, ``moec codegen [SPEC]``, ``moec bench [SPEC]``,
-``moec optimize [SPEC] --world-size N``, ``moec profile [SPEC] --tokens N`` and
-``moec place TRACE --world-size N --ranks-per-node M --slots S``.
+``moec optimize [SPEC] --world-size N``, ``moec profile [SPEC] --tokens N``,
+``moec place TRACE --world-size N --ranks-per-node M --slots S``, ``moec zoo [ARCH ...]`` and
+``moec fuzz --cases N --seed S``.
 
 Contract: ``main(argv)`` returns the exit status, it does not exit:
 
@@ -8,7 +9,8 @@ Contract: ``main(argv)`` returns the exit status, it does not exit:
 - 2 for an error the user can fix (a bad model spec, a model with no MoE layer, a bad option
   value), reported as ONE line ``moec: <message>`` on stderr with no traceback (argparse's own
   errors, such as an unknown flag, print its usage line too);
-- 1 when ``moec bench`` finds that moec's output differs from eager;
+- 1 when ``moec bench`` finds that moec's output differs from eager, when ``moec zoo`` finds an
+  arch whose layers moec misses or computes differently, or when ``moec fuzz`` finds a mismatch;
 - 141 when the reader of stdout goes away (``moec inspect --graph | head``).
 
 Internal errors are not caught: their traceback is the bug report.
@@ -22,7 +24,7 @@ import contextlib
 import os
 import sys
 
-from moec.cli import bench, optimize, place, profile
+from moec.cli import bench, fuzz, optimize, place, profile, zoo
 from moec.models.spec import FORMS, SpecError
 
 SPEC_HELP = f"the model: {FORMS} (default: builtin:%s)"
@@ -111,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
                                     "cross-node traffic, a2a bytes, simulated step time, weights moved; write the "
                                     "plan (JSON, moec.runtime.plan). Needs no GPU.")
     place.add_arguments(pl)
+
+    z = sub.add_parser("zoo", help="check moec's capture on every MoE architecture of the installed transformers",
+                       description="Build every MoE architecture of the installed transformers that has a text "
+                                   "decoder as a tiny random model and report, per arch: the MoE layers the config "
+                                   "describes and those moec recognised, graph breaks, forward and gradient "
+                                   "equality with eager in eval and train, why a layer was left alone, and the "
+                                   "seconds taken. Exits 1 if any arch is missed or differs.")
+    zoo.add_arguments(z)
+
+    f = sub.add_parser("fuzz", help="differential fuzzing: random MoE layers, moec against eager",
+                       description="Draw random MoE layers (router kind x FFN form x layout x spelling x sizes x "
+                                   "token counts x dtype; moec.models.random_moe), compile each with moec and "
+                                   "compare forward and gradients with eager. Seeded: case I of seed S reruns "
+                                   "alone with --case I. Exits 1 if a case mismatches or raises.")
+    fuzz.add_arguments(f)
     return parser
 
 
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own usage error (already printed)
         return e.code if isinstance(e.code, int) else 2
-    if opts.spec is None:
+    if getattr(opts, "spec", "") is None:
         opts.spec = f"builtin:{_default_builtin()}"
     try:
         if opts.command == "inspect":
@@ -132,9 +149,13 @@ def main(argv: list[str] | None = None) -> int:
             return profile.profile_main(opts)
         if opts.command == "place":
             return place.place_main(opts)
+        if opts.command == "zoo":
+            return zoo.zoo_main(opts)
+        if opts.command == "fuzz":
+            return fuzz.fuzz_main(opts)
         return bench.bench_main(opts)
     except (SpecError, bench.BenchError, optimize.OptimizeError, profile.ProfileError,
-            place.PlaceError) as e:
+            place.PlaceError, fuzz.FuzzError, zoo.ZooError) as e:
         return _fail(str(e))
     except BrokenPipeError:
         # `moec inspect --graph | head`: the reader left; stop quietly, as Unix tools do.

@@ -773,10 +773,13 @@ def build(
     num_layers: int | None = None,
     dtype: torch.dtype = torch.float32,
     smoke_run: bool = True,
+    experts_implementation: str | None = None,
 ) -> ZooModel:
     """Build a seeded, tiny, random ``arch`` model (eval mode) and its example inputs. With
     ``smoke_run`` one eager no-grad forward runs first, so a family that cannot run here raises
-    ``ZooUnavailable`` instead of failing later inside a caller's check."""
+    ``ZooUnavailable`` instead of failing later inside a caller's check. ``experts_implementation``
+    picks transformers' experts implementation where the family has one (its ``grouped_mm``
+    default cannot run in float64; ``"eager"`` can)."""
     spec = _zoo_arch(arch)
     if not spec.buildable:
         raise ZooUnavailable(f"{arch}: {spec.out_of_scope}")
@@ -797,6 +800,11 @@ def build(
         with torch.no_grad():
             _AFTER_BUILD[arch](model, torch.Generator().manual_seed(seed))
     model = model.to(dtype).eval()
+    if experts_implementation is not None and hasattr(model, "set_experts_implementation"):
+        try:
+            model.set_experts_implementation(experts_implementation)
+        except (ValueError, NotImplementedError, AttributeError):
+            pass  # a family without the experts interface keeps its own code
 
     gen = torch.Generator().manual_seed(seed)
     input_ids_BS = torch.randint(FIRST_ORDINARY_TOKEN, config.vocab_size, (BATCH, SEQ), generator=gen)
