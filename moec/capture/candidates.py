@@ -218,6 +218,7 @@ def find_candidates(root: nn.Module) -> tuple[list[Candidate], list[Orphan]]:
                if not any(_is_under(layer, path) or _is_under(path, layer) for layer in layers)
                and (g.layout != "modules" or g.num_experts >= 3)]
     orphans += _unread_stacks(root, [*layers, *(o.name for o in orphans)])
+    orphans += _product_key_tables(root, [*layers, *(o.name for o in orphans)])
     out = []
     for name in sorted(found, key=lambda n: order[n]):
         ranked = [c for _, c in sorted(found[name], key=lambda kc: kc[0])]
@@ -283,6 +284,30 @@ def _unread_stacks(root: nn.Module, covered: list[str]) -> list[Orphan]:
             f"their expert counts differ ({counts}; extra 'zero' or identity experts?)" if len(counts) > 1 else
             "no second matrix or no router weight goes with them")
         out.append(Orphan(owner, counts[0], "stacked", f"holds per-expert weights ({listed}) but {why}"))
+    return out
+
+
+def _product_key_tables(root: nn.Module, covered: list[str]) -> list[Orphan]:
+    """Modules whose own or children's parameters hold two or more [E, H] tables with E = n^2
+    and a projection H -> 2n beside them: single-row experts behind product-key routing (Doge's
+    CDMoE, PEER), which moec's router vocabulary does not have. Reported, never silent."""
+    out = []
+    for path, module in root.named_modules():
+        if any(_is_under(path, c) or _is_under(c, path) for c in covered):
+            continue
+        params = [(n, tuple(p.shape)) for n, p in module.named_parameters() if n.count(".") <= 1 and p.dim() == 2]
+        for (name, (E, H)) in params:
+            n = int(round(E ** 0.5))
+            if E < 4 or n * n != E:
+                continue
+            tables = [t for t, shape in params if shape == (E, H)]
+            keys = [t for t, shape in params if shape in ((2 * n, H), (H, 2 * n))]
+            if len(tables) >= 2 and keys:
+                out.append(Orphan(path, E, "rows", (
+                    f"looks like a product-key MoE layer ({E} single-row experts in {', '.join(tables)}, "
+                    f"a projection {keys[0]} to 2 x {n} key scores) but was left alone: router: product-key "
+                    "routing (top-k over sums of two key scores) is not in moec's router vocabulary")))
+                break
     return out
 
 

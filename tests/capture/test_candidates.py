@@ -120,3 +120,39 @@ def test_experts_without_a_router_are_reported_as_orphans():
     m.experts = nn.ModuleList(Expert() for _ in range(E))
     cands, orphans = find_candidates(m)
     assert not cands and [(o.name, o.num_experts) for o in orphans] == [("experts", E)]
+
+
+class ProductKeys(nn.Module):
+    """Single-row experts behind product-key routing (as Doge's CDMoE and PEER write it): scores
+    for n keys on each of two axes, E = n^2 experts; not in moec's router vocabulary."""
+
+    def __init__(self, n=4, k=2):
+        super().__init__()
+        self.n, self.k = n, k
+        self.keys = nn.Linear(H, 2 * n, bias=False)
+        self.down_rows = nn.Embedding(n * n, H)
+        self.up_rows = nn.Embedding(n * n, H)
+
+    def forward(self, x):
+        sx, sy = self.keys(x).chunk(2, dim=-1)
+        scores = (sx[:, :, None] + sy[:, None, :]).flatten(1)
+        w, idx = scores.topk(self.k, dim=-1)
+        h = torch.relu((self.down_rows(idx) * x[:, None]).sum(-1)) * w.softmax(-1)
+        return (h[..., None] * self.up_rows(idx)).sum(1)
+
+
+def test_product_key_layer_is_reported_not_silent():
+    model = nn.Sequential(nn.Linear(H, H), ProductKeys())
+    cands, orphans = find_candidates(model)
+    assert not cands
+    (orphan,) = orphans
+    assert orphan.name == "1" and orphan.num_experts == 16
+    assert "product-key" in orphan.reason() and "router" in orphan.reason()
+
+
+def test_report_says_why_a_product_key_layer_is_left_alone():
+    import moec
+
+    report = moec.inspect(ProductKeys(), torch.randn(8, H))
+    assert not report.moe_layers
+    assert any("product-key routing" in f.reason for f in report.fallbacks), report.fallbacks
