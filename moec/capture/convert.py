@@ -219,11 +219,15 @@ def _try_experts_module(cand: Candidate, calls: list[Call]):
     from moec.capture.recognise import _compare, _compare_grads, _tol, recognise_experts_module
 
     call = calls[0]
-    probe = probe_call(call, probe_shapes(call, 32) or tuple(call.x.shape), seed=31)
     training = cand.module.training
     cand.module.eval()
     try:
-        obs = observe(cand, probe)
+        # 32 tokens, or the recorded shape where the layer takes arguments sized to it (a
+        # decoder layer's attention mask).
+        for shape in (probe_shapes(call, 32), tuple(call.x.shape)):
+            obs = observe(cand, probe_call(call, shape, seed=31)) if shape else "no probe shape"
+            if not isinstance(obs, str):
+                break
         if isinstance(obs, str):
             return Miss("shapes", obs)
         K = int(obs.member_TE.sum(-1).max())

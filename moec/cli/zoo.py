@@ -160,6 +160,8 @@ def _moe_layer_breaks(model, names: list[str]) -> dict[str, list[str]]:
     recorded for it: breaks inside MoE layers, told apart from the model's own elsewhere."""
     from torch._dynamo.utils import counters
 
+    from moec.capture.probes import copied
+
     state = model.__dict__.get("_moec_capture_state")
     calls = {layer.cand.name: layer.calls for layer in (state.layers if state else [])}
     out = {}
@@ -177,7 +179,9 @@ def _moe_layer_breaks(model, names: list[str]) -> dict[str, list[str]]:
             counters.clear()
             try:
                 with torch.no_grad():
-                    torch.compile(module, backend="moec", options={"inner": "eager"})(*call.args, **call.kwargs)
+                    # copied: a recorded KV cache is appended to by each call
+                    torch.compile(module, backend="moec", options={"inner": "eager"})(*copied(call.args),
+                                                                                      **copied(call.kwargs))
             except Exception as e:  # noqa: BLE001 - a layer that cannot be called alone says why
                 reasons.append(f"could not be compiled alone: {type(e).__name__}: {e}".splitlines()[0][:200])
                 continue
