@@ -192,7 +192,7 @@ class RouterForm:
     pnorm: Optional[float]
     scaling: float
     error: float
-    unit: bool = False  # every chosen expert weighs exactly 1 (PhiMoE's sparsemixer at threshold 0)
+    unit: bool = False  # every chosen expert weighs exactly ``scaling`` (PhiMoE's sparsemixer at threshold 0; top-1 renormalised)
 
     @property
     def kind(self) -> str:
@@ -245,6 +245,11 @@ def match_weights(selections: list[tuple[Selection, Tensor]], logits_TE: Tensor,
             best = min(best, err)
             if err <= tol:
                 found.append(RouterForm(sel, renorm, pnorm, scaling, err))
+    if found and member_TE.any() and bool((member_TE.sum(-1) <= 1).all()):
+        # Top-1 renormalised: every weight is exactly its scaling and, in exact arithmetic, gives
+        # the router no gradient (eager's is rounding noise); constant weights are that exactly.
+        found = [dataclasses.replace(f, renormalize=False, pnorm=None, unit=True) if f.renormalize else f
+                 for f in found]
     if not found and member_TE.any():
         err = ((weights_TE[member_TE] - 1.0).abs().max() / scale).item()
         best = min(best, err)

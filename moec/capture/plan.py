@@ -66,7 +66,7 @@ class BlockPlan:
     # unweighted (Llama-4), instead of the expert's output being weighted.
     input_scaled: bool = False
     logit_scale: float = 1.0  # the router's logits are x' W^T times this
-    unit_weights: bool = False  # every chosen expert's output is added with weight 1
+    unit_weights: bool = False  # every chosen expert's output is added with weight ``scaling`` (1 mostly)
 
     # Bound per layer (``bind``): the specs read the layer's live tensors.
     def router_spec(self, module: nn.Module) -> RouterSpec:
@@ -124,7 +124,7 @@ class BlockPlan:
                 weights, idx = weights.reshape(-1, weights.shape[-1]), idx.reshape(-1, idx.shape[-1])
             else:  # route output straight into dispatch: what fuse_gating matches
                 weights, idx = router.route(logits)
-            out_TH = experts(xp_TH, idx, torch.ones_like(weights) if self.unit_weights else weights)
+            out_TH = experts(xp_TH, idx, torch.full_like(weights, self.scaling) if self.unit_weights else weights)
             for term, mod, gate in terms:
                 if term.source == "input":
                     y = x_TH

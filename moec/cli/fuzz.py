@@ -117,11 +117,12 @@ def compare(got: Optional[torch.Tensor], want: Optional[torch.Tensor], what: str
             return None
         reason = f"{what}: bf16 max error {err:.3g} > {BF16_RTOL} x scale {scale:.3g}"
         if exact is not None:
-            x = exact.double()
-            rms = x.pow(2).mean().sqrt().item()
-            err_got, err_want = (g - x).pow(2).mean().sqrt().item(), (w - x).pow(2).mean().sqrt().item()
-            if err_got <= 2 * err_want + BF16_FLOOR * rms:
+            from moec.capture.probes import as_accurate
+
+            if as_accurate(g, w, exact, BF16_FLOOR):
                 return None
+            x = exact.double()
+            err_got, err_want = (g - x).pow(2).mean().sqrt().item(), (w - x).pow(2).mean().sqrt().item()
             reason += f", and its RMS error against float64 {err_got:.3g} > 2 x eager's {err_want:.3g}"
         return reason
     try:
@@ -197,7 +198,8 @@ def _error(stage: str, e: BaseException) -> dict[str, str]:
 
 def _recognised(layers, spec: random_moe.LayerSpec) -> bool:
     """One layer, with the spec's expert count and top-k. Expert Choice's capacity
-    C = ceil(cf * T * k / E) fixes cf * k only, so there the product is compared."""
+    C = ceil(cf * T * k / E) fixes cf * k only, so there the product is compared; and where
+    cf * k >= E every expert takes every token (C = T), which is token choice over all E experts."""
     if len(layers) != 1 or layers[0].num_experts != spec.num_experts:
         return False
     layer = layers[0]
@@ -207,7 +209,8 @@ def _recognised(layers, spec: random_moe.LayerSpec) -> bool:
 
     rk = RouterKind.parse(layer.router)
     if not rk.expert_choice:
-        return False
+        saturated = spec.capacity_factor * spec.top_k >= spec.num_experts
+        return saturated and layer.top_k == spec.num_experts
     if rk.capacity_factor is None:  # a fixed capacity: right at one token count only
         return False
     return math.isclose(rk.capacity_factor * layer.top_k, spec.capacity_factor * spec.top_k, rel_tol=1e-9)

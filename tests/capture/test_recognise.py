@@ -125,3 +125,56 @@ def test_a_call_unlike_the_verified_ones_runs_the_layer_own_code():
     compiled = torch.compile(model, backend="moec", options={"inner": "aot_eager"})
     torch.testing.assert_close(compiled(x), model(x))
     assert counters["graph_break"]  # the layer's own loop ran, with its breaks: no silent rewrite
+
+
+class TopOneL2(Layer):
+    """Top-1 with the chosen weight divided by its L2 norm: every weight is exactly 1, so the
+    router's gradient is mathematically zero and eager's is rounding noise."""
+
+    def forward(self, x):
+        p = self.gate(x).softmax(-1)
+        w, idx = p.topk(1, dim=-1)
+        w = w / w.norm(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where(idx == e)
+            h = F.linear(x[tok], self.w_in[e])
+            out.index_add_(0, tok, F.linear(F.silu(h[:, :I]) * h[:, I:], self.w_out[e]) * w[tok, slot, None])
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_that_is_rounding_noise_is_judged_against_float64(dtype):
+    """Verification compares gradients; one that is zero in exact arithmetic is judged by a
+    float64 twin (moec no less accurate than eager), not by a tolerance relative to noise."""
+    layer = TopOneL2().to(dtype)
+    report = moec.inspect(layer, torch.randn(24, H).to(dtype))
+    assert [(m.num_experts, m.top_k) for m in report.moe_layers] == [(E, 1)], report.fallbacks
+
+
+class Cached(nn.Module):
+    """A block that appends to a cache it is given (a KV cache's shape): replaying a recorded call
+    must not see the appends of earlier replays."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = Layer()
+
+    def forward(self, x, cache):
+        cache.append(x.shape[-2])
+        assert len(cache) == 1, "a replay saw an earlier replay's append"
+        return x + self.moe(x)
+
+
+def test_recorded_objects_are_copied_for_each_replay():
+    from moec.capture.probes import call_module, record_calls
+
+    block, cache = Cached(), []
+    x = torch.randn(2, 5, H)
+    calls = record_calls(block, {"": (block, H)}, lambda: block(x, cache))
+    assert cache == [5] and calls[""].args[1] == []  # the snapshot is from before the call
+    for _ in range(3):
+        assert not isinstance(call_module(block, calls[""]), str)
+    assert calls[""].args[1] == []
+    report = convert_model(block, ((x, []), {}))
+    assert [layer.name for layer in report.layers] == ["moe"]

@@ -139,3 +139,17 @@ def test_differential_catches_a_wrong_bf16_layer():
         layer.experts[2].w2.weight.mul_(1.1)
     found = {m["what"] for m in fuzz.differential(layer, ref, make_input, [(200, False)], layer)}
     assert {"output", "grad of input", "grad of experts.2.w1.weight"} <= found, found  # w2 scales w1's gradient
+
+
+def test_expert_choice_judgement():
+    """Expert Choice is judged by cf * k (its capacity formula's only free product); where every
+    expert takes every token (cf * k >= E) token choice over all E experts is the same layer."""
+    from types import SimpleNamespace as NS
+
+    spec = LayerSpec(num_experts=8, top_k=2, router="expert_choice", capacity_factor=2.0)
+    assert fuzz._recognised([NS(num_experts=8, top_k=4, router="expert_choice+cf=1.0")], spec)
+    assert not fuzz._recognised([NS(num_experts=8, top_k=2, router="expert_choice+cf=1.0")], spec)
+    assert not fuzz._recognised([NS(num_experts=8, top_k=8, router="softmax_topk")], spec)
+    saturated = LayerSpec(num_experts=8, top_k=8, router="expert_choice", capacity_factor=2.0)
+    assert fuzz._recognised([NS(num_experts=8, top_k=8, router="softmax_topk")], saturated)
+    assert not fuzz._recognised([NS(num_experts=8, top_k=4, router="softmax_topk")], saturated)
