@@ -188,7 +188,10 @@ def _convert(layer: _Layer, state: _State, calls: list[Call]) -> None:
     if plan is None or verify(plan, cand.module, runnable, full=False) is not None:
         plan, first_miss = None, None
         for hyp in [cand, *cand.__dict__.get("alternatives", [])]:
-            found = recognise(hyp, runnable)
+            fitting = [c for c in runnable if c.x.shape[-1] == hyp.hidden]
+            if not fitting:  # a reading whose hidden size is not the input's (a bias read as a router)
+                continue
+            found = recognise(hyp, fitting)
             if not isinstance(found, Miss):
                 plan, layer.cand = found, hyp
                 state.kinds[same_kind_key(hyp.module)] = plan

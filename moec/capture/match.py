@@ -233,15 +233,16 @@ def match_weights(selections: list[tuple[Selection, Tensor]], logits_TE: Tensor,
     ``selections`` pairs each rule with the experts it chooses ([T, E], before capacity drops:
     weights are renormalised over all chosen experts, dropped or not)."""
     pnorms = sorted({2.0} | {float(p) for p in (floats | ints) if 1 < p <= 8})  # 2: F.normalize's default
-    scale = max(weights_TE[member_TE].abs().max().item() if member_TE.any() else 0.0, 1e-30)
+    known_TE = member_TE & weights_TE.isfinite()  # the slots whose weight was observed
+    scale = max(weights_TE[known_TE].abs().max().item() if known_TE.any() else 0.0, 1e-30)
     found, best = [], math.inf
     for sel, chosen_TE in selections:
         options = [(False, None), (True, None)] + [(True, p) for p in pnorms]
         for renorm, pnorm in options:
             w = _weights(sel, logits_TE, chosen_TE, renorm, pnorm)
-            ratio = (weights_TE[member_TE] / w[member_TE].clamp_min(1e-30))
+            ratio = (weights_TE[known_TE] / w[known_TE].clamp_min(1e-30))
             scaling = _snap(ratio.median().item(), floats) if ratio.numel() else 1.0
-            err = ((w * scaling - weights_TE)[member_TE].abs().max() / scale).item() if member_TE.any() else 0.0
+            err = ((w * scaling - weights_TE)[known_TE].abs().max() / scale).item() if known_TE.any() else 0.0
             best = min(best, err)
             if err <= tol:
                 found.append(RouterForm(sel, renorm, pnorm, scaling, err))
@@ -250,8 +251,8 @@ def match_weights(selections: list[tuple[Selection, Tensor]], logits_TE: Tensor,
         # the router no gradient (eager's is rounding noise); constant weights are that exactly.
         found = [dataclasses.replace(f, renormalize=False, pnorm=None, unit=True) if f.renormalize else f
                  for f in found]
-    if not found and member_TE.any():
-        err = ((weights_TE[member_TE] - 1.0).abs().max() / scale).item()
+    if not found and known_TE.any():
+        err = ((weights_TE[known_TE] - 1.0).abs().max() / scale).item()
         best = min(best, err)
         if err <= tol:  # hard routing: the chosen experts' outputs are summed as they are
             found = [RouterForm(sel, False, None, 1.0, err, unit=True) for sel, _ in selections]
@@ -514,12 +515,15 @@ def match_ffn(forms: list[FFNForm], stacked, xp_TH: Tensor, contrib_ETH: Tensor,
         err = 0.0
         for (rows, e), y in zip(pairs, ys):
             c = contrib_ETH[e, rows]
-            w = (c * y).sum(-1) / (y * y).sum(-1).clamp_min(1e-300)
+            yy = (y * y).sum(-1)
+            w = (c * y).sum(-1) / yy.clamp_min(1e-300)
             # Relative to the token's whole routed output: a slot with a tiny weight has a tiny,
             # imprecisely observed contribution (a difference of two outputs).
             resid = (c - w[:, None] * y).abs().amax(-1) / scale_T[rows]
             err = max(err, resid.max().item())
-            weights_TE[rows, e] = w
+            # An expert whose output is zero for the token (every ReLU unit off) says nothing
+            # about its weight there: NaN, which match_weights skips.
+            weights_TE[rows, e] = torch.where(yy > 0, w, torch.full_like(w, math.nan))
             if err > max(tol, best_err):
                 break
         if err < best_err:

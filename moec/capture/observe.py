@@ -110,6 +110,27 @@ def _main(out: Any, call: Call) -> Union[tuple[Tensor, int], Declined]:
     return found
 
 
+def _moved_by_random_experts(cand: Candidate, call: Call, main_TH: Tensor) -> Union[Tensor, Declined]:
+    """[T, E]: the tokens whose output moves when expert e's tensors take random values (three
+    draws: one draw can leave every ReLU unit of an expert off for a token by chance)."""
+    gen = torch.Generator().manual_seed(4321)
+    H = main_TH.shape[-1]
+    moved = []
+    for e in range(cand.experts.num_experts):
+        tensors = expert_slices(cand, e)
+        moved_T = torch.zeros(main_TH.shape[0], dtype=torch.bool)
+        for _ in range(3):
+            values = [(t, torch.randn(t.shape, generator=gen, dtype=torch.float32)
+                       * max(t.detach().double().std().item() if t.numel() > 1 else 0.0, 0.1)) for t in tensors]
+            with overwritten(values):
+                out = _main(call_module(cand.module, call), call)
+            if isinstance(out, str):
+                return out
+            moved_T |= (out[0].reshape(-1, H) != main_TH).any(-1)
+        moved.append(moved_T)
+    return torch.stack(moved, -1)
+
+
 def observe(cand: Candidate, call: Call) -> Union[Observation, Declined]:
     module = cand.module
     out = call_module(module, call)
@@ -136,4 +157,13 @@ def observe(cand: Candidate, call: Call) -> Union[Observation, Declined]:
     # its routing weight times its output (far above rounding unless the weight is ~0).
     scale_T = (main_TH.double() - rest[0].reshape(-1, H).double()).abs().amax(-1)
     member_TE = (norms_ET > 1e-7 * scale_T.clamp_min(1e-30)).t() & (norms_ET > 0).t()
+    counts = member_TE.sum(-1)
+    if bool(counts.any()) and int(counts.min()) < int(counts.max()):
+        # Fewer experts for some tokens: capacity drops, or an expert whose output is exactly
+        # zero for the token (a ReLU expert with every unit off) so zeroing it moved nothing.
+        # Random values instead of the expert's own make a used expert move its tokens.
+        moved = _moved_by_random_experts(cand, call, main_TH)
+        if isinstance(moved, str):
+            return moved
+        member_TE = member_TE | moved
     return Observation(call, out, pos, main_TH, rest[0].reshape(-1, H), contrib_ETH, member_TE)

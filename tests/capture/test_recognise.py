@@ -178,3 +178,36 @@ def test_recorded_objects_are_copied_for_each_replay():
     assert calls[""].args[1] == []
     report = convert_model(block, ((x, []), {}))
     assert [layer.name for layer in report.layers] == ["moe"]
+
+
+class DeadRelu(nn.Module):
+    """Ungated ReLU experts whose input bias turns every unit off for many tokens: such a token's
+    chosen expert outputs exactly zero, so zeroing the expert cannot show that it was chosen."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.router = nn.Linear(H, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, 4, H, generator=g) / H**0.5)
+        self.b1 = nn.Parameter(torch.full((E, 4), -1.0))
+        self.w2 = nn.Parameter(torch.randn(E, H, 4, generator=g) / 2)
+
+    def forward(self, x):
+        w, idx = self.router(x).softmax(-1).topk(K, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where(idx == e)
+            h = torch.relu(F.linear(x[tok], self.w1[e], self.b1[e]))
+            out.index_add_(0, tok, F.linear(h, self.w2[e]) * w[tok, slot, None])
+        return out
+
+
+def test_an_expert_that_outputs_zero_for_a_token_is_still_seen_as_chosen():
+    layer = DeadRelu()
+    x = torch.randn(64, H)
+    with torch.no_grad():
+        dead = (torch.relu(torch.einsum("eih,th->tei", layer.w1, x) + layer.b1) == 0).all(-1).any()
+    assert dead  # the premise: some token has an expert with every unit off
+    report = moec.inspect(layer, x)
+    assert [(m.num_experts, m.top_k, m.router) for m in report.moe_layers] == [(E, K, "softmax_topk")], \
+        report.fallbacks
