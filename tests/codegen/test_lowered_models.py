@@ -64,8 +64,15 @@ def _check(name: str, target: str, train: bool) -> None:
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"grad of {n}: {m}")
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("name", TRITON_CASES)
+# The hand-written idioms' training runs repeat the HF families' kernels (interpreted: minutes),
+# so they run in the slow run only.
+_SLOW_TRAIN = {"moe-mlp", "stacked-bmm"}
+_TRITON_PARAMS = [pytest.param(name, train, id=f"{name}-{'train' if train else 'eval'}",
+                               marks=pytest.mark.slow if train and name in _SLOW_TRAIN else ())
+                  for name in TRITON_CASES for train in (False, True)]
+
+
+@pytest.mark.parametrize("name,train", _TRITON_PARAMS)
 def test_triton_lowering_matches_eager(triton_here, name, train):
     _check(name, "triton", train)
 
