@@ -150,16 +150,22 @@ def _group_masked(choice_TE: Tensor, ng: int, tg: int, group_max: bool) -> Tenso
 
 
 def match_selection(logits_TE: Tensor, member_TE: Tensor, vectors: dict[str, Tensor],
-                    ints: set[int]) -> tuple[list[Selection], float]:
-    """Router forms that choose exactly ``member_TE``; and the best fraction of tokens matched."""
-    K = int(member_TE[0].sum())
+                    ints: set[int], subset_of_top: int = 0) -> tuple[list[Selection], float]:
+    """Router forms that choose exactly ``member_TE``; and the best fraction of tokens matched.
+    With ``subset_of_top`` K: forms whose top K holds every token's ``member_TE`` (slots dropped)."""
+    K = subset_of_top or int(member_TE[0].sum())
     E = logits_TE.shape[-1]
     found, best = [], 0.0
+
+    def agreement(chosen_TE: Tensor) -> float:
+        same = (chosen_TE | ~member_TE) if subset_of_top else (chosen_TE == member_TE)
+        return same.all(-1).double().mean().item()
+
     for base in _SCORED_BASES:
         score = _score(base, logits_TE)
         for cname, corr in [(None, None), *vectors.items()]:
             choice = score if corr is None else score + corr.double()
-            agree = (_chosen(choice, K) == member_TE).all(-1).double().mean().item()
+            agree = agreement(_chosen(choice, K))
             best = max(best, agree)
             if agree == 1.0:
                 # Group limits that change nothing here are no reason to assume any; should a
@@ -171,7 +177,7 @@ def match_selection(logits_TE: Tensor, member_TE: Tensor, vectors: dict[str, Ten
                     if K > tg * (E // ng):
                         continue
                     c = _group_masked(choice, ng, tg, group_max)
-                    agree = (_chosen(c, K) == member_TE).all(-1).double().mean().item()
+                    agree = agreement(_chosen(c, K))
                     best = max(best, agree)
                     if agree == 1.0:
                         found.append(Selection(base, cname, ng, tg, group_max))
@@ -494,11 +500,15 @@ def ffn_outputs(form: FFNForm, weights, xp_TH: Tensor, pairs: list[tuple[Tensor,
 
 
 def match_ffn(forms: list[FFNForm], stacked, xp_TH: Tensor, contrib_ETH: Tensor, member_TE: Tensor,
-              tol: float) -> tuple[Optional[tuple[FFNForm, Tensor]], float]:
-    """The form whose outputs the contributions are multiples of, and those multiples [T, E]."""
+              tol: float, floor_T: Optional[Tensor] = None) -> tuple[Optional[tuple[FFNForm, Tensor]], float]:
+    """The form whose outputs the contributions are multiples of, and those multiples [T, E].
+    ``floor_T``: the rounding a contribution carries (a difference of two whole outputs of the
+    layer: large beside a small routed part when a residual or dense branch dominates)."""
     E = member_TE.shape[1]
     pairs = [(member_TE[:, e].nonzero().flatten(), e) for e in range(E) if member_TE[:, e].any()]
     scale_T = contrib_ETH.abs().amax(-1).amax(0).clamp_min(1e-300)
+    if floor_T is not None:
+        scale_T = torch.maximum(scale_T, floor_T.double())
     best, best_err = None, math.inf
     cache: dict = {}
     for form in forms:

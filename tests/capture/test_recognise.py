@@ -211,3 +211,36 @@ def test_an_expert_that_outputs_zero_for_a_token_is_still_seen_as_chosen():
     report = moec.inspect(layer, x)
     assert [(m.num_experts, m.top_k, m.router) for m in report.moe_layers] == [(E, K, "softmax_topk")], \
         report.fallbacks
+
+
+class SecondChoicesAlwaysDropped(nn.Module):
+    """GShard top-2 with a capacity of one token per expert and every first choice placed before
+    any second choice: with more tokens than experts, no token keeps its second expert, so one
+    probe looks like top-1; another probe (a single token) shows the second choice."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.gate = nn.Linear(H, E, bias=False)
+        self.w_in = nn.Parameter(torch.randn(E, I, H, generator=g) / H**0.5)
+        self.w_out = nn.Parameter(torch.randn(E, H, I, generator=g) / I**0.5)
+
+    def forward(self, x):
+        T = x.shape[0]
+        w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+        mask = F.one_hot(idx, E)  # [T, 2, E]
+        pos = (torch.cumsum(mask.transpose(0, 1).reshape(-1, E), 0).reshape(2, T, E) - 1).transpose(0, 1)
+        keep = (mask * (pos < 1)).sum(-1).bool()  # [T, 2]
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where((idx == e) & keep)
+            h = F.gelu(F.linear(x[tok], self.w_in[e]))
+            out.index_add_(0, tok, F.linear(h, self.w_out[e]) * w[tok, slot, None])
+        return out
+
+
+def test_a_capacity_that_drops_every_second_choice_on_one_probe_is_still_top_2():
+    report = moec.inspect(SecondChoicesAlwaysDropped(), torch.randn(40, H))
+    (layer,) = report.moe_layers
+    assert (layer.num_experts, layer.top_k, layer.capacity) == (E, 2, 1), (layer, report.fallbacks)
+    assert "choice_first" in layer.router
