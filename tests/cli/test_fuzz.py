@@ -153,3 +153,19 @@ def test_expert_choice_judgement():
     saturated = LayerSpec(num_experts=8, top_k=8, router="expert_choice", capacity_factor=2.0)
     assert fuzz._recognised([NS(num_experts=8, top_k=8, router="softmax_topk")], saturated)
     assert not fuzz._recognised([NS(num_experts=8, top_k=4, router="softmax_topk")], saturated)
+
+
+def test_fp32_rounding_beyond_assert_close_is_judged_against_float64():
+    """An fp32 output of magnitude ~50 whose near-zero elements differ by rounding (2e-5, over
+    assert_close's atol) passes when moec is as close to the float64 value as eager; a real error
+    of the same size everywhere does not."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(64, 16, generator=g, dtype=torch.float64) * 50
+    exact[0, 0] = 1e-6
+    want = exact.float()
+    got = want.clone()
+    got[0, 0] += 2e-5
+    assert fuzz.compare(got, want, "output") is not None  # assert_close alone fails it
+    assert fuzz.compare(got, want, "output", exact) is None
+    wrong = want + 1e-3 * want.abs().max()
+    assert fuzz.compare(wrong, want, "output", exact) is not None
