@@ -26,6 +26,7 @@ import contextlib
 import inspect
 import sys
 import types
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -143,7 +144,14 @@ def _compile_modules_through_call() -> None:
     from torch._dynamo import eval_frame, external_utils
 
     cls = eval_frame.OptimizedModule
-    original = cls._initialize
+    original = getattr(cls, "_initialize", None)
+    if original is None or not hasattr(external_utils, "wrap_inline"):
+        # A torch without these internals: a bare MoE layer passed to torch.compile itself may be
+        # traced as its own code; models whose MoE layers are submodules are unaffected.
+        warnings.warn("moec: this torch has no OptimizedModule._initialize or wrap_inline; a bare MoE "
+                      "layer passed to torch.compile(backend='moec') may run its own code, not moec's ops",
+                      RuntimeWarning)
+        return
     if getattr(original, "_moec", False):
         return
 
