@@ -234,8 +234,10 @@ def intended(sel: Selection, logits_TE: Tensor, vectors: dict[str, Tensor], K: i
 
 
 def match_weights(selections: list[tuple[Selection, Tensor]], logits_TE: Tensor, member_TE: Tensor,
-                  weights_TE: Tensor, floats: set[float], ints: set[int], tol: float) -> tuple[list[RouterForm], float]:
-    """Router forms whose weights are the observed ``weights_TE`` on the slots the layer kept.
+                  weights_TE: Tensor, floats: set[float], ints: set[int], tol: float,
+                  unc_TE: Optional[Tensor] = None) -> tuple[list[RouterForm], float]:
+    """Router forms whose weights are the observed ``weights_TE`` on the slots the layer kept,
+    each within ``tol`` of the largest weight beyond its observation's own error ``unc_TE``.
     ``selections`` pairs each rule with the experts it chooses ([T, E], before capacity drops:
     weights are renormalised over all chosen experts, dropped or not)."""
     pnorms = sorted({2.0} | {float(p) for p in (floats | ints) if 1 < p <= 8})  # 2: F.normalize's default
@@ -248,21 +250,26 @@ def match_weights(selections: list[tuple[Selection, Tensor]], logits_TE: Tensor,
             w = _weights(sel, logits_TE, chosen_TE, renorm, pnorm)
             ratio = (weights_TE[known_TE] / w[known_TE].clamp_min(1e-30))
             scaling = _snap(ratio.median().item(), floats) if ratio.numel() else 1.0
-            err = ((w * scaling - weights_TE)[known_TE].abs().max() / scale).item() if known_TE.any() else 0.0
+            off_TE = (w * scaling - weights_TE).abs()
+            if unc_TE is not None:
+                off_TE = (off_TE - unc_TE).clamp_min(0)
+            err = (off_TE[known_TE].max() / scale).item() if known_TE.any() else 0.0
             best = min(best, err)
             if err <= tol:
                 found.append(RouterForm(sel, renorm, pnorm, scaling, err))
     if found and member_TE.any() and bool((member_TE.sum(-1) <= 1).all()):
         # Top-1 renormalised: every weight is exactly its scaling and, in exact arithmetic, gives
         # the router no gradient (eager's is rounding noise); constant weights are that exactly.
-        found = [dataclasses.replace(f, renormalize=False, pnorm=None, unit=True) if f.renormalize else f
-                 for f in found]
+        # The renormalised forms stay behind them: a score that underflows (a sigmoid of logits
+        # below -46 over an epsilon of 1e-20) renormalises to less than 1 in the layer's own
+        # arithmetic, and verification's large probes reach that.
+        found = [dataclasses.replace(f, renormalize=False, pnorm=None, unit=True) for f in found if f.renormalize] + found
     if not found and known_TE.any():
         err = ((weights_TE[known_TE] - 1.0).abs().max() / scale).item()
         best = min(best, err)
         if err <= tol:  # hard routing: the chosen experts' outputs are summed as they are
             found = [RouterForm(sel, False, None, 1.0, err, unit=True) for sel, _ in selections]
-    found.sort(key=preference)
+    found.sort(key=lambda f: (preference(f), not f.unit))
     return found, best
 
 
@@ -500,10 +507,13 @@ def ffn_outputs(form: FFNForm, weights, xp_TH: Tensor, pairs: list[tuple[Tensor,
 
 
 def match_ffn(forms: list[FFNForm], stacked, xp_TH: Tensor, contrib_ETH: Tensor, member_TE: Tensor,
-              tol: float, floor_T: Optional[Tensor] = None) -> tuple[Optional[tuple[FFNForm, Tensor]], float]:
-    """The form whose outputs the contributions are multiples of, and those multiples [T, E].
-    ``floor_T``: the rounding a contribution carries (a difference of two whole outputs of the
-    layer: large beside a small routed part when a residual or dense branch dominates)."""
+              tol: float, floor_T: Optional[Tensor] = None
+              ) -> tuple[Optional[tuple[FFNForm, Tensor, Tensor]], float]:
+    """The form whose outputs the contributions are multiples of, those multiples [T, E] and how
+    far each may be off [T, E]. ``floor_T``: the rounding a contribution carries (a difference of
+    two whole outputs of the layer: large beside a small routed part when a residual or dense
+    branch dominates); a multiple read off a small expert output carries it divided by that
+    output's size."""
     E = member_TE.shape[1]
     pairs = [(member_TE[:, e].nonzero().flatten(), e) for e in range(E) if member_TE[:, e].any()]
     scale_T = contrib_ETH.abs().amax(-1).amax(0).clamp_min(1e-300)
@@ -522,6 +532,7 @@ def match_ffn(forms: list[FFNForm], stacked, xp_TH: Tensor, contrib_ETH: Tensor,
         except (RuntimeError, ValueError):
             continue
         weights_TE = torch.zeros(member_TE.shape, dtype=torch.float64)
+        unc_TE = torch.zeros(member_TE.shape, dtype=torch.float64)
         err = 0.0
         for (rows, e), y in zip(pairs, ys):
             c = contrib_ETH[e, rows]
@@ -534,10 +545,12 @@ def match_ffn(forms: list[FFNForm], stacked, xp_TH: Tensor, contrib_ETH: Tensor,
             # An expert whose output is zero for the token (every ReLU unit off) says nothing
             # about its weight there: NaN, which match_weights skips.
             weights_TE[rows, e] = torch.where(yy > 0, w, torch.full_like(w, math.nan))
+            if floor_T is not None:  # |<dc, y>| / |y|^2 <= |dc| / |y|, dc at most the floor per element
+                unc_TE[rows, e] = floor_T.double()[rows] * math.sqrt(y.shape[-1]) / yy.sqrt().clamp_min(1e-300)
             if err > max(tol, best_err):
                 break
         if err < best_err:
-            best, best_err = (form, weights_TE), err
+            best, best_err = (form, weights_TE, unc_TE), err
     return (best if best_err <= tol else None), best_err
 
 

@@ -14,6 +14,7 @@ Legend: T tokens, H hidden, E experts, K top-k.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -24,6 +25,8 @@ from moec.capture.candidates import ExpertGroup
 from moec.capture.match import FFNForm, Term
 from moec.capture.probes import Call, find_x
 from moec.capture.specs import ExpertsSpec, FFNSpec, RouterSpec
+from moec.ir import ops
+from moec.ir.routing import RouterKind
 
 
 @dataclasses.dataclass
@@ -155,12 +158,72 @@ class BlockPlan:
 
         return moec_block_forward
 
+    def tied_tokens(self, module: nn.Module, x: Tensor) -> Optional[Tensor]:
+        """Tokens of ``x`` (bool, flattened) whose expert choice is a tie or within rounding of one:
+        a top-k (or group) boundary where the best excluded score comes within what one rounding
+        of the logits moves. Eager breaks such ties as its top-k implementation happens to (CPU
+        top-k is not lowest-index-first), so a probe that contains them proves nothing about the
+        router. None for expert choice (the tie is between tokens)."""
+        rk = RouterKind.parse(self.kind)
+        if rk.expert_choice:
+            return None
+        router, H = self.router_spec(module), self.hidden
+        with torch.no_grad():
+            xp = x if self.premap is None else module.get_submodule(self.premap)(x)
+            xp_TH = xp.reshape(-1, H)
+            if self.router_call is None:
+                logits = router.logits(xp_TH)
+            else:
+                out = module.get_submodule(self.router_call[0])(xp_TH)
+                logits = out if self.router_call[1] < 0 else out[self.router_call[1]]
+            logits_f = logits.detach().float().reshape(-1, self.experts.num_experts)
+            bias = _tensor(module, self.correction)
+            eps = torch.finfo(logits.dtype).eps
+            step = 2 * eps * (logits_f.abs() + logits_f.square().mean(dim=-1, keepdim=True).sqrt())
+
+            tied = torch.zeros(logits_f.shape[0], dtype=torch.bool, device=logits_f.device)
+            # The plan's scores, and sigmoid and softmax: a router form chosen for its choices
+            # (top-1 renormalised: any monotone score) may not saturate where the layer's does.
+            for scores in dict.fromkeys([rk.scores, "sigmoid", "softmax"]):
+                tied |= self._tied(logits_f, step, scores, rk, bias)
+            return tied
+
+    def _tied(self, logits_f: Tensor, step: Tensor, scores: str, rk: RouterKind, bias: Optional[Tensor]) -> Tensor:
+        def choice(lf: Tensor) -> Tensor:
+            c = _SCORES[scores](lf)
+            return c if bias is None else c + bias.detach().float()
+
+        c = choice(logits_f)
+        margin_T = 2 * torch.maximum((choice(logits_f + step) - c).abs(), (choice(logits_f - step) - c).abs()).amax(-1)
+        tied = torch.zeros(c.shape[0], dtype=torch.bool, device=c.device)
+        if self.num_groups > 1:
+            G = self.num_groups
+            grouped = c.reshape(c.shape[0], G, -1)
+            score = grouped.amax(-1) if rk.group_max else grouped.topk(min(2, grouped.shape[-1]), -1).values.sum(-1)
+            if self.topk_groups < G:
+                tied |= _boundary_gap(score, self.topk_groups) <= 2 * margin_T
+            c = ops._group_mask(c, G, self.topk_groups, rk.group_max)
+        if self.top_k < c.shape[-1]:
+            tied |= _boundary_gap(c, self.top_k) <= margin_T
+        return tied
+
     def describe(self) -> str:
         parts = [f"router {self.kind} top-{self.top_k}", f"experts {self.ffn.describe()}"]
         if self.premap:
             parts.insert(0, f"pre {self.premap}")
         parts += [f"+ {t.describe()}" + (" (shared expert)" if t.ffn else "") for t in self.terms]
         return ", ".join(parts)
+
+
+_SCORES = {"softmax": lambda lf: lf.softmax(-1), "sigmoid": torch.sigmoid, "logits": lambda lf: lf,
+           "sqrtsoftplus": lambda lf: torch.nn.functional.softplus(lf).sqrt()}
+
+
+def _boundary_gap(scores: Tensor, k: int) -> Tensor:
+    """Per row: the k-th best score minus the (k+1)-th (inf where either is not finite)."""
+    top = scores.topk(k + 1, dim=-1).values
+    gap = top[:, k - 1] - top[:, k]
+    return torch.where(torch.isfinite(top[:, k - 1]) & torch.isfinite(top[:, k]), gap, torch.full_like(gap, math.inf))
 
 
 def _tensor(module: nn.Module, name: Optional[str]) -> Optional[Tensor]:

@@ -12,7 +12,8 @@ Contract
    say why;
 3. ``moec.compile(layer, inner=...)`` in train mode, called on several token counts drawn from 1
    to a few hundred (two distinct counts, the first again with every token identical except under
-   Expert Choice, then one token; dynamo's default dynamic-shape handling), each compared with the eager copy: the
+   Expert Choice, then one token; dynamo's default dynamic-shape handling; tokens whose eager
+   routing sits within rounding of a tie are redrawn, see ``untied_input``), each compared with the eager copy: the
    output, then every parameter's gradient and the input's gradient of a random projection of
    the output. float32: ``torch.testing.assert_close`` defaults, or, where rounding alone
    exceeds them (outputs of magnitude 10-100 after a routed scaling, elements near zero), no
@@ -147,6 +148,74 @@ def _projection(out: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(out.shape, generator=g, dtype=torch.float32) / math.sqrt(max(out.numel(), 1))
 
 
+# A top-k boundary this close (relative, in ulps of the layer's dtype) is a tie: which expert wins
+# there depends on the rounding of the logits and on torch.topk's tie order (on CPU not the lower
+# index first; it varies with the tensor's other values and with ``sorted``), not on the layer.
+TIE_ULPS = 4
+
+
+class _TopkTies(torch.overrides.TorchFunctionMode):
+    """Marks the tokens (of ``tokens`` in all) whose row in a last-dim ``topk`` / ``max`` /
+    ``argmax`` call of the eager layer has its k-th and (k+1)-th values within ``TIE_ULPS``."""
+
+    def __init__(self, tokens: int, eps: float):
+        super().__init__()
+        self.tied = torch.zeros(tokens, dtype=torch.bool)
+        self.eps = eps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in (torch.topk, torch.Tensor.topk):
+            self._check(args, kwargs, "k", 1, 2)
+        elif func in (torch.max, torch.Tensor.max, torch.argmax, torch.Tensor.argmax) and (len(args) > 1 or "dim" in kwargs):
+            if not isinstance(args[1] if len(args) > 1 else kwargs["dim"], torch.Tensor):
+                self._check(args, kwargs, None, None, 1)
+        return out
+
+    def _check(self, args, kwargs, k_name, k_pos, dim_pos):
+        t = args[0]
+        k = 1 if k_name is None else (args[k_pos] if len(args) > k_pos else kwargs[k_name])
+        dim = args[dim_pos] if len(args) > dim_pos else kwargs.get("dim", -1)
+        largest = kwargs.get("largest", args[3] if k_name is not None and len(args) > 3 else True)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0:
+            return
+        if dim not in (-1, t.dim() - 1) or t.shape[-1] <= k or t[..., 0].numel() != self.tied.numel():
+            return
+        with torch._C.DisableTorchFunction():
+            rows = t.detach().reshape(-1, t.shape[-1]).double()
+            v = rows.topk(k + 1, dim=-1, largest=bool(largest)).values
+            a, b = v[:, k - 1], v[:, k]
+            close = (a - b).abs() <= TIE_ULPS * self.eps * torch.maximum(a.abs(), b.abs())
+            self.tied |= close & torch.isfinite(a) & torch.isfinite(b)
+
+
+def untied_input(ref: torch.nn.Module, make_input: Callable[..., torch.Tensor], tokens: int, seed: int,
+                 identical: bool) -> tuple[torch.Tensor, int]:
+    """``make_input(tokens, seed, identical)`` with the tokens whose eager routing ties (see
+    ``TIE_ULPS``) redrawn until none does (at most 20 rounds), and how many were redrawn."""
+    x = make_input(tokens, seed=seed, identical=identical)
+    eps = torch.finfo(x.dtype).eps
+    redrawn = 0
+    for attempt in range(20):
+        mode = _TopkTies(tokens, eps)
+        with torch.no_grad(), mode:
+            ref(x.clone())
+        tied = mode.tied
+        if not bool(tied.any()):
+            break
+        g = torch.Generator().manual_seed(10_000 * (seed + 1) + attempt)
+        x_TH = x.reshape(-1, x.shape[-1]).clone()
+        if identical:
+            tied = torch.ones_like(tied)
+            x_TH[:] = torch.randn(1, x.shape[-1], generator=g).to(x.dtype)
+        else:
+            x_TH[tied] = torch.randn(int(tied.sum()), x.shape[-1], generator=g).to(x.dtype)
+        redrawn += int(tied.sum())
+        x = x_TH.reshape(x.shape)
+    return x, redrawn
+
+
 def differential(layer: torch.nn.Module, ref: torch.nn.Module, make_input: Callable[..., torch.Tensor],
                  calls: Iterable[tuple[int, bool]], compiled: Callable) -> list[dict]:
     """Run ``compiled`` (a compiled ``layer``) and the eager ``ref`` on each call's input, forward
@@ -158,7 +227,7 @@ def differential(layer: torch.nn.Module, ref: torch.nn.Module, make_input: Calla
     twin = copy.deepcopy(ref).double()
     twin_params = dict(twin.named_parameters()) if twin is not None else {}
     for call, (tokens, identical) in enumerate(calls):
-        x = make_input(tokens, seed=call, identical=identical)
+        x, _ = untied_input(ref, make_input, tokens, call, identical)
         x_got = x.clone().requires_grad_(True)
         x_want = x.clone().requires_grad_(True)
         layer.zero_grad(set_to_none=True)

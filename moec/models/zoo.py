@@ -422,6 +422,8 @@ _FAMILY: dict[str, dict[str, Any]] = {
     ),
     # The indexer pools keys by index_kpool; index_topk must be a multiple of it.
     "glm5_next": dict(index_kpool=2),
+    # HY-V4-VL's 3-D rotary sections (12, 10, 10 of a 32-wide half) must add up to qk_rope_head_dim / 2.
+    "hy_v4_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
     # LFM2: short-convolution and attention layers, with no default pattern.
     "lfm2_moe": dict(layer_types=lambda n: _cycle(["conv", "full_attention"], n)),
     # LongCat-Flash: 256 zero-computation experts beside 512 routed ones, so 4 beside 8.
