@@ -331,6 +331,7 @@ _TINY: dict[str, Any] = dict(
     v_head_dim=16,
     # DeepSeek sparse attention's indexer: top-4 of 8 keys, so the indexer really selects.
     index_n_heads=2,
+    index_num_heads=2,  # Kolibri-1.1's indexer: at most the query heads of one key head
     index_head_dim=16,
     index_topk=4,
     # Linear attention (gated delta net, KDA).
@@ -597,6 +598,8 @@ _SPARSE = ("sparse", "moe", "hash_moe")
 # whose field the config has (not None) and that has a say (does not return None) decides; a config
 # with none of them is MoE in every layer.
 _LAYER_RULES: tuple[tuple[str, Callable[[Any, int], bool | None]], ...] = (
+    # Layers listed as dense (Qwen-MoE and descendants, Kolibri-1.1); the others as the rules below say.
+    ("mlp_only_layers", lambda c, i: False if i in c.mlp_only_layers else None),
     # Nemotron-H: one mixer per layer; "moe" layers are MoE. (Jamba and Granite-MoE-Hybrid list only
     # their sequence mixers there: no "moe" entry, no say over the MLP.)
     ("layers_block_type", lambda c, i: c.layers_block_type[i] == "moe" if "moe" in c.layers_block_type else None),
