@@ -478,6 +478,7 @@ def stacker(cand: Candidate) -> tuple[list[tuple[int, ...]], Callable[[int], Ten
             return torch.stack([m.get_parameter(names[i]) for m in modules])
 
         stacked.__dict__["sources"] = tuple(modules)
+        stacked.__dict__["one"] = lambda i, e: modules[e].get_parameter(names[i]).unsqueeze(0)
         return shapes, stacked
     params = [owner.get_parameter(n) for n in g.names]
     if g.layout == "stacked":
@@ -486,6 +487,7 @@ def stacker(cand: Candidate) -> tuple[list[tuple[int, ...]], Callable[[int], Ten
         def stacked(i: int) -> Tensor:
             return owner.get_parameter(g.names[i])
 
+        stacked.__dict__["one"] = lambda i, e: stacked(i)[e : e + 1]
         return shapes, stacked
     shapes = [(p.shape[0] // E, p.shape[1]) for p in params]
 
@@ -493,7 +495,21 @@ def stacker(cand: Candidate) -> tuple[list[tuple[int, ...]], Callable[[int], Ten
         p = owner.get_parameter(g.names[i])
         return p.view(E, p.shape[0] // E, p.shape[1])
 
+    stacked.__dict__["one"] = lambda i, e: stacked(i)[e : e + 1]
     return shapes, stacked
+
+
+# Above this many bytes of float64 expert weights per layout, match_ffn builds one expert's at a
+# time instead of all of them once per layout (a DeepSeek-V3-wide layer holds gigabytes).
+STREAM_BYTES = 1 << 30
+
+
+def _one_expert(form: "FFNForm", stacked, e: int) -> tuple:
+    """Expert ``e``'s (w_in, w_out, b_in, b_out) in float64, each with a leading dim of 1."""
+    one = stacked.__dict__.get("one")
+    parts = form.build(lambda i: one(i, e)) if one is not None else tuple(
+        None if t is None else t[e : e + 1] for t in form.build(stacked))
+    return tuple(None if t is None else t.double() for t in parts)
 
 
 def ffn_outputs(form: FFNForm, weights, xp_TH: Tensor, pairs: list[tuple[Tensor, int]]) -> list[Tensor]:
@@ -521,37 +537,56 @@ def match_ffn(forms: list[FFNForm], stacked, xp_TH: Tensor, contrib_ETH: Tensor,
         scale_T = torch.maximum(scale_T, floor_T.double())
     best, best_err = None, math.inf
     cache: dict = {}
+    one = stacked.__dict__.get("one")
+    stream = one is not None and 8 * E * sum(one(i, 0).numel() for i in range(_tensor_count(forms))) > STREAM_BYTES
     for form in forms:
         key = form.layout_key
-        if key not in cache:
-            with torch.no_grad():
-                cache[key] = tuple(None if t is None else t.double() for t in form.build(stacked))
         try:
             with torch.no_grad():
-                ys = ffn_outputs(form, cache[key], xp_TH.double(), pairs)
+                if stream:  # lazily: a form that fails on its first experts reads no more
+                    ys = (ffn_outputs(form, _one_expert(form, stacked, e), xp_TH.double(), [(rows, 0)])[0]
+                          for rows, e in pairs)
+                else:
+                    if key not in cache:
+                        cache[key] = tuple(None if t is None else t.double() for t in form.build(stacked))
+                    ys = ffn_outputs(form, cache[key], xp_TH.double(), pairs)
+                found = _multiples(pairs, ys, contrib_ETH, member_TE, scale_T, floor_T, max(tol, best_err))
         except (RuntimeError, ValueError):
             continue
-        weights_TE = torch.zeros(member_TE.shape, dtype=torch.float64)
-        unc_TE = torch.zeros(member_TE.shape, dtype=torch.float64)
-        err = 0.0
-        for (rows, e), y in zip(pairs, ys):
-            c = contrib_ETH[e, rows]
-            yy = (y * y).sum(-1)
-            w = (c * y).sum(-1) / yy.clamp_min(1e-300)
-            # Relative to the token's whole routed output: a slot with a tiny weight has a tiny,
-            # imprecisely observed contribution (a difference of two outputs).
-            resid = (c - w[:, None] * y).abs().amax(-1) / scale_T[rows]
-            err = max(err, resid.max().item())
-            # An expert whose output is zero for the token (every ReLU unit off) says nothing
-            # about its weight there: NaN, which match_weights skips.
-            weights_TE[rows, e] = torch.where(yy > 0, w, torch.full_like(w, math.nan))
-            if floor_T is not None:  # |<dc, y>| / |y|^2 <= |dc| / |y|, dc at most the floor per element
-                unc_TE[rows, e] = floor_T.double()[rows] * math.sqrt(y.shape[-1]) / yy.sqrt().clamp_min(1e-300)
-            if err > max(tol, best_err):
-                break
-        if err < best_err:
-            best, best_err = (form, weights_TE, unc_TE), err
+        if found[0] < best_err:
+            best, best_err = (form, *found[1:]), found[0]
     return (best if best_err <= tol else None), best_err
+
+
+def _multiples(pairs, ys, contrib_ETH: Tensor, member_TE: Tensor, scale_T: Tensor, floor_T: Optional[Tensor],
+               give_up: float) -> tuple[float, Tensor, Tensor]:
+    """(error, multiples [T, E], their uncertainty [T, E]) of one form's expert outputs ``ys``
+    (one per (rows, expert) pair); stops reading ``ys`` once the error passes ``give_up``."""
+    weights_TE = torch.zeros(member_TE.shape, dtype=torch.float64)
+    unc_TE = torch.zeros(member_TE.shape, dtype=torch.float64)
+    err = 0.0
+    for (rows, e), y in zip(pairs, ys):
+        c = contrib_ETH[e, rows]
+        yy = (y * y).sum(-1)
+        w = (c * y).sum(-1) / yy.clamp_min(1e-300)
+        # Relative to the token's whole routed output: a slot with a tiny weight has a tiny,
+        # imprecisely observed contribution (a difference of two outputs).
+        resid = (c - w[:, None] * y).abs().amax(-1) / scale_T[rows]
+        err = max(err, resid.max().item())
+        # An expert whose output is zero for the token (every ReLU unit off) says nothing
+        # about its weight there: NaN, which match_weights skips.
+        weights_TE[rows, e] = torch.where(yy > 0, w, torch.full_like(w, math.nan))
+        if floor_T is not None:  # |<dc, y>| / |y|^2 <= |dc| / |y|, dc at most the floor per element
+            unc_TE[rows, e] = floor_T.double()[rows] * math.sqrt(y.shape[-1]) / yy.sqrt().clamp_min(1e-300)
+        if err > give_up:
+            break
+    return err, weights_TE, unc_TE
+
+
+def _tensor_count(forms: list["FFNForm"]) -> int:
+    """How many of the experts' tensors ``forms`` read."""
+    used = {i for f in forms for i in (*f.w_in, f.w_out, *f.b_in, *([] if f.b_out is None else [f.b_out]))}
+    return max(used) + 1 if used else 0
 
 
 def match_ffn_input_scaled(forms: list[FFNForm], stacked, xp_TH: Tensor, contrib_ETH: Tensor, member_TE: Tensor,

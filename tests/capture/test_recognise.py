@@ -76,6 +76,26 @@ def test_the_plain_layer_is_recognised():
     assert report.graph_breaks == 0 and not report.fallbacks
 
 
+def test_experts_too_big_to_copy_are_matched_one_at_a_time(monkeypatch):
+    """Past ``STREAM_BYTES`` of float64 expert weights the FFN match builds one expert's weights at
+    a time (a DeepSeek-V3-wide layer holds gigabytes); it finds the same layer, and the compiled
+    layer computes as eager does."""
+    from moec.capture import match
+
+    built = []
+    one_expert = match._one_expert
+    monkeypatch.setattr(match, "STREAM_BYTES", 0)
+    monkeypatch.setattr(match, "_one_expert", lambda *a: built.append(a[-1]) or one_expert(*a))
+    model = Layer().eval()
+    x = torch.randn(2, 8, H)
+    report = moec.inspect(model, x)
+    (layer,) = report.moe_layers
+    assert (layer.num_experts, layer.top_k, layer.router, layer.activation) == (E, K, "softmax_topk", "swiglu")
+    assert set(built) == set(range(E))
+    ref = Layer().eval()
+    torch.testing.assert_close(moec.compile(model)(x), ref(x))
+
+
 def test_random_in_training_mode_runs_its_own_code_there():
     model = Layer("dropout").eval()
     x = torch.randn(2, 8, H)
