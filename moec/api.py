@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from moec import _torch
 from moec.backend import check_options, moec_backend
 from moec.capture import capture_graphs, convert_model
 from moec.passes.select_impl import load_target
@@ -154,7 +155,7 @@ def inspect(model: nn.Module, *args: Any, **kwargs: Any) -> Report:
     if not isinstance(model, nn.Module):
         raise TypeError(f"moec.inspect: expected an nn.Module, got {type(model).__name__}")
     result = convert_model(model, (args, kwargs))
-    counters = torch._dynamo.utils.counters
+    counters = _torch.counters
     before = dict(counters["graph_break"])
     graphs = [gm.print_readable(print_output=False) for gm in capture_graphs(model, *args, share_layers=True,
                                                                              **kwargs)]

@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 import torch
 
+from moec import _torch
 import moec.capture  # noqa: F401  (installs the capture hook)
 from moec.ir.verify import verify
 from moec.passes.pipeline import PASS_NAMES, run_pipeline
@@ -52,23 +53,19 @@ def lower(gm: torch.fx.GraphModule, example_inputs: list, inner: str, schedule: 
     autograd derives."""
     schedule = schedule and in_flight
     if inner == "inductor":
-        from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
-
         # Inductor reuses a buffer once its last reader ran, but an issued all-to-all still reads
         # its input (and fills its output) until its wait: with the waits moved late by
         # schedule_overlap, reuse corrupted rows in flight (seen on gloo). Keep buffers apart.
         patch = dict(allow_buffer_reuse=not in_flight)
         if schedule:
             patch["post_grad_custom_post_pass"] = PostGradSchedule()
-        with inductor_config.patch(**patch):
-            return compile_fx(gm, example_inputs)
+        with _torch.inductor_config().patch(**patch):
+            return _torch.inductor_compile_fx()(gm, example_inputs)
     if inner == "aot_eager":
-        from torch._dynamo.backends.registry import lookup_backend
-
         if schedule:
-            return lookup_backend("aot_eager")(gm, example_inputs, fw_compiler=_scheduled, bw_compiler=_scheduled)
-        return lookup_backend("aot_eager")(gm, example_inputs)
+            return _torch.lookup_backend("aot_eager")(gm, example_inputs, fw_compiler=_scheduled,
+                                                      bw_compiler=_scheduled)
+        return _torch.lookup_backend("aot_eager")(gm, example_inputs)
     return gm.forward
 
 
@@ -77,7 +74,7 @@ def _scheduled(graph_module: torch.fx.GraphModule, inputs):
     from functorch.compile import make_boxed_func
 
     schedule_overlap(graph_module)
-    torch._dynamo.utils.counters["moec"]["scheduled_aot_graphs"] += 1
+    _torch.counters["moec"]["scheduled_aot_graphs"] += 1
     return make_boxed_func(graph_module.forward)
 
 

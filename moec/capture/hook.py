@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from moec import _torch
+
 _active_depth = 0
 _started: list[bool] = []
 
@@ -70,7 +72,7 @@ def _compiling_frame() -> Optional[tuple[dict, Any, dict]]:
     """(the frame's locals, its backend, what re-running it needs) of the compile in progress."""
     f = sys._getframe(1)
     while f is not None:
-        if f.f_code.co_name == "_compile" and f.f_globals.get("__name__") == "torch._dynamo.convert_frame":
+        if (f.f_globals.get("__name__"), f.f_code.co_name) == _torch.COMPILE_FRAME:
             loc = f.f_locals
             rerun = {k: loc.get(k) for k in ("code", "globals", "closure")}
             return loc.get("locals") or {}, loc.get("compiler_fn"), rerun
@@ -141,11 +143,9 @@ def _compile_modules_through_call() -> None:
     modules and under ``config.wrap_top_frame``) resolves ``forward`` while tracing, after the
     hook. Only moec compiles are wrapped: ``OptimizedModule._initialize`` is patched to do so
     when its backend is moec's."""
-    from torch._dynamo import eval_frame, external_utils
-
-    cls = eval_frame.OptimizedModule
+    cls, disable_context, wrap_inline = _torch.optimized_module()
     original = getattr(cls, "_initialize", None)
-    if original is None or not hasattr(external_utils, "wrap_inline"):
+    if original is None or wrap_inline is None:
         # A torch without these internals: a bare MoE layer passed to torch.compile itself may be
         # traced as its own code; models whose MoE layers are submodules are unaffected.
         warnings.warn("moec: this torch has no OptimizedModule._initialize or wrap_inline; a bare MoE "
@@ -158,9 +158,9 @@ def _compile_modules_through_call() -> None:
     def _initialize(self) -> None:
         original(self)
         ctx = self.dynamo_ctx
-        if isinstance(ctx, eval_frame.DisableContext) or not is_moec_backend(getattr(ctx, "callback", None)):
+        if isinstance(ctx, disable_context) or not is_moec_backend(getattr(ctx, "callback", None)):
             return
-        wrapped = ctx(external_utils.wrap_inline(self._orig_mod))
+        wrapped = ctx(wrap_inline(self._orig_mod))
         if hasattr(self._orig_mod, "_initialize_hook"):
             self._forward = wrapped
         else:
@@ -173,7 +173,7 @@ def _compile_modules_through_call() -> None:
 def install() -> None:
     """Register the compile hooks once per process (idempotent)."""
     _compile_modules_through_call()
-    handler = torch._dynamo.callback.callback_handler
+    handler = _torch.callback_handler()
     for attr, cb in (("start_callbacks", _on_compile_start), ("end_callbacks", _on_compile_end)):
         callbacks = getattr(handler, attr)
         if not isinstance(callbacks, _KeepMoec):

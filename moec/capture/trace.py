@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from moec import _torch
 from moec.capture.convert import convert_model
 from moec.capture.hook import active
 
@@ -29,15 +30,15 @@ def capture_graphs(model: torch.nn.Module, *args: Any, share_layers: bool = Fals
                    **kwargs: Any) -> list[torch.fx.GraphModule]:
     convert_model(model, (args, kwargs))
     if share_layers:
-        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+        breaks = dict(_torch.counters["graph_break"])
         try:
             with _shared_layers(model):
                 return _trace(model, args, kwargs)
-        except torch._dynamo.exc.UncapturedHigherOrderOpError:
+        except _torch.uncaptured_hop_error():
             # A region graph-breaks: trace without regions, to show where (and count it once).
-            torch._dynamo.reset()
-            torch._dynamo.utils.counters["graph_break"].clear()
-            torch._dynamo.utils.counters["graph_break"].update(breaks)
+            torch.compiler.reset()
+            _torch.counters["graph_break"].clear()
+            _torch.counters["graph_break"].update(breaks)
     return _trace(model, args, kwargs)
 
 
@@ -50,7 +51,7 @@ def _trace(model, args, kwargs) -> list[torch.fx.GraphModule]:
 
     record._moec_backend = True  # the capture hook converts only for moec backends
     with active(), torch.no_grad():
-        torch._dynamo.optimize(record)(model)(*args, **kwargs)
+        _torch.dynamo_optimize(record)(model)(*args, **kwargs)
     return graphs
 
 

@@ -6,7 +6,7 @@ and every timed run in milliseconds, the seconds of the first call (which compil
 compiled backends the error against eager. It never changes ``model``: the compiled backends each
 run on a deep copy. ``bench_main`` is the ``moec bench`` command on top of it.
 
-Method, the same for every backend: ``torch._dynamo.reset()`` and a fresh compile per token count
+Method, the same for every backend: ``torch.compiler.reset()`` and a fresh compile per token count
 (static shapes, no recompile limit shared between backends); the first call is timed apart as
 compile time; ``warmup`` more untimed calls; then ``repeat`` calls each timed with
 ``time.perf_counter`` (after ``torch.cuda.synchronize()`` on CUDA), of which the median is
@@ -41,10 +41,9 @@ import time
 from typing import Any, Callable
 
 import torch
-import torch._functorch.config
-import torch._inductor.config
 from torch import nn
 
+from moec import _torch
 from moec.runtime.cost_model import cpu_model
 
 BACKENDS = ("eager", "inductor", "moec")
@@ -223,14 +222,14 @@ def _warm_toolchain(settings: BenchSettings, device: torch.device, log: Callable
     t0 = time.perf_counter()
     torch.compile(lambda a: a.sin() + 1, backend="inductor")(torch.randn(8, device=device))
     _sync(device)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return time.perf_counter() - t0
 
 
 def _no_graph_caches() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
-    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    stack.enter_context(_torch.inductor_config().patch(fx_graph_cache=False))
+    stack.enter_context(_torch.functorch_config().patch(enable_autograd_cache=False))
     return stack
 
 
@@ -255,7 +254,7 @@ def _run_bench(model: nn.Module, args: tuple, settings: BenchSettings, *, name: 
         # Eager first: it is the reference the others are checked against.
         for backend in [b for b in BACKENDS if b in settings.backends]:
             log(f"{backend} at {tokens} tokens ...")
-            torch._dynamo.reset()
+            torch.compiler.reset()
             module = model if backend == "eager" else copies[backend]
             fn = module if backend == "eager" else compilers[backend](module)
             first_s, times_ms, out = _time_backend(fn, module, inputs, device, settings)

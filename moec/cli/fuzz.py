@@ -304,7 +304,7 @@ def _recognised(layers, spec: random_moe.LayerSpec) -> bool:
 def run_case(seed: int, case: int, *, inner: str = DEFAULT_INNER) -> dict[str, Any]:
     """One case, never raising: the record described in the module contract."""
     import moec
-    from torch._dynamo.utils import counters
+    from moec._torch import counters
 
     t0 = time.perf_counter()
     record: dict[str, Any] = {"case": case, "seed": seed, "recognised": False, "layers": [], "fallbacks": [],
@@ -322,7 +322,7 @@ def run_case(seed: int, case: int, *, inner: str = DEFAULT_INNER) -> dict[str, A
         ref = copy.deepcopy(layer)  # before moec converts `layer` in place
 
         stage = "inspect"
-        torch._dynamo.reset()
+        torch.compiler.reset()
         counters.clear()
         try:
             report = moec.inspect(layer, make_input(calls[0][0], seed=99))
@@ -337,7 +337,7 @@ def run_case(seed: int, case: int, *, inner: str = DEFAULT_INNER) -> dict[str, A
             record["recognised"] = _recognised(report.moe_layers, spec)
 
         stage = "compile"
-        torch._dynamo.reset()
+        torch.compiler.reset()
         counters.clear()
         compiled = moec.compile(layer, inner=inner)
         stage = "run"
@@ -351,7 +351,7 @@ def run_case(seed: int, case: int, *, inner: str = DEFAULT_INNER) -> dict[str, A
             record["break_reasons"] = [f"{_short(reason.splitlines()[0], 200)} (x{n})"
                                        for reason, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]]
             record["graphs"] = counters["stats"]["unique_graphs"]
-        torch._dynamo.reset()
+        torch.compiler.reset()
         counters.clear()
     record["seconds"] = round(time.perf_counter() - t0, 3)
     return record

@@ -67,10 +67,10 @@ def _reason_for(name: str, fallbacks) -> str:
 def _run(zm, train: bool, backend) -> tuple[Any, dict, list[str]]:
     """(output, parameter gradients, graph break reasons) of ``zm.model`` under ``backend`` (None:
     eager); an exception propagates."""
-    from torch._dynamo.utils import counters
+    from moec._torch import counters
 
     zm.model.train(train)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     counters.clear()
     fn = zm.model if backend is None else backend(zm.model)
     out = zm.output(fn(*zm.args, **zm.kwargs))
@@ -158,7 +158,7 @@ def _as_accurate(got, eager, exact) -> Optional[str]:
 def _moe_layer_breaks(model, names: list[str]) -> dict[str, list[str]]:
     """Graph breaks of each expected MoE layer compiled alone with moec, on the call capture
     recorded for it: breaks inside MoE layers, told apart from the model's own elsewhere."""
-    from torch._dynamo.utils import counters
+    from moec._torch import counters
 
     from moec.capture.probes import copied
 
@@ -175,7 +175,7 @@ def _moe_layer_breaks(model, names: list[str]) -> dict[str, list[str]]:
         reasons = []
         for train in (False, True):  # a layer random in training runs its own code there
             module.train(train)
-            torch._dynamo.reset()
+            torch.compiler.reset()
             counters.clear()
             try:
                 with torch.no_grad():

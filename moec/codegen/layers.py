@@ -74,7 +74,7 @@ def graph_layer_specs(model: torch.nn.Module, *args: Any, target: str | None = N
     from moec.capture import capture_graphs
     from moec.passes.pipeline import run_pipeline
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     specs: list[KernelSpec] = []
     for gm in capture_graphs(model, *args):
         lowered, _ = run_pipeline(gm, target="reference")

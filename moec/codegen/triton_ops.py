@@ -51,15 +51,17 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from moec import _torch
 import moec.ir.lowered  # noqa: F401  (registers moec::gate_backward, the gate's backward)
 from moec.codegen import cache
 from moec.codegen.spec import KernelSpec, default_target, dtype_name
 from moec.ir.lowered import FAKES, act_width, gate_kind, out_rows, out_width, register_autograd
 from moec.ir.ops import GATED_ACTIVATIONS
+
+FakeTensor = _torch.fake_tensor()
+FunctionalTensor, FunctionalTensorMode = _torch.functional_tensor()
 
 FORWARD_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
 

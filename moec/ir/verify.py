@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from moec import _torch
 from moec.ir import ops
 from moec.ir.routing import RouterKind, has_capacity
 
@@ -163,9 +164,9 @@ def _qualified(node: torch.fx.Node) -> tuple[str, str] | None:
     if node.op != "call_function":
         return None
     target = node.target
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, _torch.OpOverload):
         name = target.name()
-    elif isinstance(target, torch._ops.OpOverloadPacket):
+    elif isinstance(target, _torch.OpOverloadPacket):
         name = target._qualified_op_name
     else:
         return None

@@ -10,7 +10,7 @@ collectives are functional collectives (``_c10d_functional.all_to_all_single`` i
 them by reordering nodes. ``chunks`` is the number of token chunks r, an int or a function of
 the layer's ``LayerInfo``; chunk c's exchanges and experts are independent of chunk c+1's. The
 pass emits the chunks in sequential order (each exchange waited for at once). Returns the graph
-and the number of layers sharded (also added to ``torch._dynamo.utils.counters["moec"]
+and the number of layers sharded (also added to ``_torch.counters["moec"]
 ["expert_parallel_layers"]``); a second run finds no lowered layer left to shard.
 
 Placed layers: when the layer's weights are ``moec::unshard`` of shards (``moec.compile(...,
@@ -71,6 +71,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.fx import Node
 
+from moec import _torch
 from moec.ir.parallel import replicated_rows  # (and registers moec::ep_route and the placed ops)
 from moec.ir.ops import GATED_ACTIVATIONS
 from moec.ir.verify import moec_op_name, moec_op_namespace, node_value
@@ -196,9 +197,9 @@ def expert_parallel(
             out = _emit(graph, ggc, x, idx_TK, weights_TK, gga, w_in, b_in, w_out, b_out,
                         E=E, K=K, world=world, rank=rank, chunks=C, group_name=group_name, layer=changed,
                         nodes=nodes if hierarchical else None, placement=placement, adaptive=adaptive)
-        torch._dynamo.utils.counters["moec"]["expert_parallel_hierarchical_layers"] += bool(hierarchical)
-        torch._dynamo.utils.counters["moec"]["expert_parallel_placed_layers"] += placement is not None
-        torch._dynamo.utils.counters["moec"]["expert_parallel_adaptive_layers"] += adaptive
+        _torch.counters["moec"]["expert_parallel_hierarchical_layers"] += bool(hierarchical)
+        _torch.counters["moec"]["expert_parallel_placed_layers"] += placement is not None
+        _torch.counters["moec"]["expert_parallel_adaptive_layers"] += adaptive
         ggc.replace_all_uses_with(out)
         graph.erase_node(ggc)
         graph.erase_node(gga)
@@ -212,7 +213,7 @@ def expert_parallel(
     if changed:
         _erase_unused_gathers(graph)
         _allow_split_sizes()
-        torch._dynamo.utils.counters["moec"]["expert_parallel_layers"] += changed
+        _torch.counters["moec"]["expert_parallel_layers"] += changed
     gm.recompile()
     return gm, changed
 
@@ -251,7 +252,7 @@ def _allow_split_sizes() -> None:
     """Let the inner compiler trace the layer's ``.tolist()`` of received counts: dynamo's fake
     mode refuses data-dependent scalars unless ``capture_scalar_outputs`` was set while tracing;
     the split sizes become unbacked SymInts, bounded below by the ``torch._check`` nodes."""
-    context = torch._guards.TracingContext.try_get()
+    context = _torch.tracing_context()
     if context is not None and context.fake_mode is not None:
         context.fake_mode.allow_scalar_outputs = True
 

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from moec import _torch
 from moec.ir.verify import moec_op_name, moec_op_namespace, node_value, verify
 from moec.passes.fuse_activation import fuse_activation
 from moec.passes.fuse_combine import fuse_combine
@@ -72,7 +73,7 @@ def op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
 
 def repropagate(gm: torch.fx.GraphModule) -> None:
     """Re-run fake-tensor propagation over the graph from its placeholders' recorded values."""
-    from torch._subclasses.fake_tensor import FakeTensor
+    FakeTensor = _torch.fake_tensor()
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     inputs = [node_value(n) for n in gm.graph.nodes if n.op == "placeholder"]

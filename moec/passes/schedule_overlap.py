@@ -53,10 +53,12 @@ import heapq
 import operator
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Node
 
+from moec import _torch
 from moec.ir.verify import moec_op_name
+
+CustomGraphPass, get_hash_for_files = _torch.custom_graph_pass()
 
 NAME = "schedule_overlap"
 
@@ -65,9 +67,9 @@ _COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
 
 
 def _namespace(target) -> str | None:
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, _torch.OpOverload):
         return target.namespace
-    if isinstance(target, torch._ops.OpOverloadPacket):  # dynamo records some ops as packets
+    if isinstance(target, _torch.OpOverloadPacket):  # dynamo records some ops as packets
         return target._qualified_op_name.split("::")[0]
     return None
 
@@ -115,7 +117,7 @@ def is_barrier(node: Node) -> bool:
     if node.op != "call_function":
         return False
     target = node.target
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, _torch.OpOverload):
         return target._schema.is_mutable
     if target is operator.setitem or getattr(target, "__name__", "").startswith("__i"):
         return True

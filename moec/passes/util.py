@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from torch.fx import Node
 
+from moec import _torch
 from moec.ir.verify import moec_op_name, moec_op_namespace
 
 
@@ -18,7 +19,7 @@ def op_nodes(gm: torch.fx.GraphModule, name: str, namespace: str = "moec") -> It
             yield node
 
 
-def op(name: str, namespace: str = "moec") -> torch._ops.OpOverload:
+def op(name: str, namespace: str = "moec") -> _torch.OpOverload:
     return getattr(getattr(torch.ops, namespace), name).default
 
 

@@ -54,10 +54,12 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 from torch import Tensor
-from torch._library.effects import EffectType
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from moec import _torch
 from moec.runtime.trace import RoutingTrace, TraceError
+
+EffectType = _torch.effect_type()
+TorchDispatchMode = _torch.dispatch_mode()
 
 __all__ = ["RoutingProfiler", "record_routing"]
 

@@ -1,0 +1,185 @@
+"""Every private torch API moec uses, in one place.
+
+Contract: moec reaches torch internals (``torch._dynamo``, ``torch._inductor``, ``torch._ops``,
+``torch._subclasses``, ...) only through this module; everything else uses public API
+(``torch.compiler.reset``, ``torch.library``, ``torch.fx``). ``TESTED`` is the range of torch
+releases the suite runs on; importing moec under another release warns once. ``missing()`` lists
+the internals this torch lacks, by name; ``tests/test_torch_api.py`` fails on any, so a torch
+release that moves one is caught by name, not by a failure somewhere downstream.
+
+The dynamo hooks of ``moec.capture.hook`` need three more internals, read lazily by the
+accessors below: ``OptimizedModule._initialize`` and ``external_utils.wrap_inline`` (so that
+``torch.compile(layer, backend="moec")`` traces the layer's call, after moec converted it), the
+``callback_handler`` of compile start/end callbacks, and the frame of
+``torch._dynamo.convert_frame._compile`` (whose locals hold the frame being compiled).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+# Oldest and newest torch (major, minor) the suite is run on; see README "Versions".
+TESTED = ((2, 11), (2, 14))
+
+
+def version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def supported() -> bool:
+    return TESTED[0] <= version() <= TESTED[1]
+
+
+if not supported():
+    warnings.warn(f"moec is tested with torch {TESTED[0][0]}.{TESTED[0][1]} to {TESTED[1][0]}.{TESTED[1][1]}; "
+                  f"this is torch {torch.__version__}: capture hooks or compiler internals may not work",
+                  RuntimeWarning, stacklevel=2)
+
+import torch._dynamo  # noqa: E402  (after the version warning, which names what follows)
+from torch._dynamo.utils import counters  # noqa: E402
+from torch._ops import OpOverload, OpOverloadPacket  # noqa: E402
+
+__all__ = ["TESTED", "COMPILE_FRAME", "COMPILE_LOCALS", "counters", "OpOverload", "OpOverloadPacket", "version",
+           "supported", "missing", "dynamo_optimize", "uncaptured_hop_error", "callback_handler", "optimized_module",
+           "lookup_backend", "tracing_context", "inductor_compile_fx", "inductor_config", "functorch_config",
+           "custom_graph_pass", "fake_tensor", "functional_tensor", "effect_type", "dispatch_mode"]
+
+# The frame whose locals ``moec.capture.hook`` reads: (module name, function name).
+COMPILE_FRAME = ("torch._dynamo.convert_frame", "_compile")
+# Its locals the hook reads: the code object being compiled, its globals, locals and closure, the backend.
+COMPILE_LOCALS = ("code", "globals", "locals", "closure", "compiler_fn")
+
+
+def dynamo_optimize(backend: Any):
+    """``torch._dynamo.optimize``: compile a callable with a backend function, no wrapper module."""
+    return torch._dynamo.optimize(backend)
+
+
+def uncaptured_hop_error() -> type:
+    """The error dynamo raises when a higher-order op's body graph-breaks."""
+    return torch._dynamo.exc.UncapturedHigherOrderOpError
+
+
+def callback_handler() -> Any:
+    """Dynamo's compile start/end callbacks (``start_callbacks``, ``end_callbacks``)."""
+    return torch._dynamo.callback.callback_handler
+
+
+def optimized_module() -> tuple[type, Any, Any]:
+    """(``OptimizedModule``, ``DisableContext``, ``wrap_inline`` or None)."""
+    from torch._dynamo import eval_frame, external_utils
+
+    return eval_frame.OptimizedModule, eval_frame.DisableContext, getattr(external_utils, "wrap_inline", None)
+
+
+def lookup_backend(name: str):
+    from torch._dynamo.backends.registry import lookup_backend as lookup
+
+    return lookup(name)
+
+
+def tracing_context():
+    """The dynamo/AOT tracing context of the compile in progress, or None."""
+    from torch._guards import TracingContext
+
+    return TracingContext.try_get()
+
+
+def inductor_compile_fx():
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx
+
+
+def inductor_config():
+    from torch._inductor import config
+
+    return config
+
+
+def functorch_config():
+    import torch._functorch.config as config
+
+    return config
+
+
+def custom_graph_pass() -> tuple[type, Any]:
+    """(``CustomGraphPass``, ``get_hash_for_files``): an Inductor post-grad pass with a cache key."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    return CustomGraphPass, get_hash_for_files
+
+
+def fake_tensor() -> type:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return FakeTensor
+
+
+def functional_tensor() -> tuple[type, type]:
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    return FunctionalTensor, FunctionalTensorMode
+
+
+def effect_type() -> type:
+    """``torch._library.effects.EffectType``: marks a custom op as ordered (side effects)."""
+    from torch._library.effects import EffectType
+
+    return EffectType
+
+
+def dispatch_mode() -> type:
+    """``TorchDispatchMode``: intercepts ops below autograd (the routing profiler's recorder)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def missing() -> list[str]:
+    """The internals above that this torch lacks, each as a readable name; [] when all are there."""
+    found = []
+    checks = [
+        ("torch._dynamo.optimize", lambda: torch._dynamo.optimize),
+        ("torch._dynamo.exc.UncapturedHigherOrderOpError", uncaptured_hop_error),
+        ("torch._dynamo.callback.callback_handler.start_callbacks", lambda: callback_handler().start_callbacks),
+        ("torch._dynamo.callback.callback_handler.end_callbacks", lambda: callback_handler().end_callbacks),
+        ("torch._dynamo.eval_frame.OptimizedModule._initialize", lambda: optimized_module()[0]._initialize),
+        ("torch._dynamo.external_utils.wrap_inline", lambda: optimized_module()[2] or _missing()),
+        ("torch._dynamo.convert_frame._compile", _compile_fn),
+        ("torch._dynamo.backends.registry.lookup_backend", lambda: lookup_backend("eager")),
+        ("torch._guards.TracingContext.try_get", tracing_context),
+        ("torch._inductor.compile_fx.compile_fx", inductor_compile_fx),
+        ("torch._inductor.config.fx_graph_cache", lambda: inductor_config().fx_graph_cache),
+        ("torch._functorch.config.enable_autograd_cache", lambda: functorch_config().enable_autograd_cache),
+        ("torch._inductor.custom_graph_pass", custom_graph_pass),
+        ("torch._subclasses.fake_tensor.FakeTensor", fake_tensor),
+        ("torch._subclasses.functional_tensor", functional_tensor),
+        ("torch._library.effects.EffectType.ORDERED", lambda: effect_type().ORDERED),
+        ("torch.utils._python_dispatch.TorchDispatchMode", dispatch_mode),
+    ]
+    for name, get in checks:
+        try:
+            get()
+        except (AttributeError, ImportError, LookupError):
+            found.append(name)
+    return found
+
+
+def _missing():
+    raise AttributeError("missing")
+
+
+def _compile_fn():
+    """``convert_frame._compile``, whose frame the capture hook looks for by these names."""
+    import importlib
+
+    module, name = COMPILE_FRAME
+    fn = getattr(importlib.import_module(module), name)
+    if fn.__code__.co_name != name or not set(COMPILE_LOCALS) <= set(fn.__code__.co_varnames):
+        raise AttributeError(f"{module}.{name} no longer has the locals moec reads")
+    return fn
