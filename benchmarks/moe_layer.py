@@ -5,7 +5,8 @@ Contract: ``python benchmarks/moe_layer.py [--shapes S ...] [--tokens N ...] [--
 prints one table per shape and, with ``--out``, writes ``benchmarks/results/<NAME>.json`` (the machine,
 the settings, every row with every timed run). It exits 1 when a moec row's output differs from eager.
 
-Rows (same input, same weights, same process; forward only, fp32, no grad):
+Rows (same input, same weights, same process; forward only, ``--dtype`` float32 (default) or
+bfloat16, no grad):
 
 - ``hf-eager``: the transformers block with ``config._experts_implementation = "eager"`` (a Python
   loop over the experts hit, one ``F.linear`` pair each);
@@ -32,7 +33,9 @@ reported. ``torch.set_num_threads(--threads)`` (default 2) on CPU.
 Columns: median ms; TFLOP/s = 2*T*K*(H*F + I*H) / time (F = 2I; routed experts only);
 GB/s = bytes of the experts the routing of that call hits (plus the shared expert) / time;
 ``x best`` = best baseline time / this time (baselines: hf-eager, hf-grouped_mm, inductor);
-error = max|out - eager| / max|eager|, ``ok`` at <= 1e-4 (fp32).
+error = max|out - eager| / max|eager|, ``ok`` at <= 1e-4 (fp32) or 2e-2 (bf16).
+``--target cpu|triton`` picks moec's kernels (default: cpu on CPU, triton on GPU; triton on CPU
+needs ``TRITON_INTERPRET=1``).
 
 ``--ops`` adds a per-op table: each lowered op, ``moec::`` reference body vs ``moec_cpu::``.
 """
@@ -54,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-REL_TOL = 1e-4
+REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BASELINES = ("hf-eager", "hf-grouped_mm", "inductor")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -80,6 +84,10 @@ SHAPES = {
     "cpu-mixtral": Shape("mixtral", 512, 1024, 8, 2),
     "cpu-deepseek": Shape("deepseek_v3", 1024, 256, 64, 8, 8, 4, shared=1),
     "cpu-qwen": Shape("qwen3_moe", 512, 256, 64, 8),
+    # Tiny layers of the same structure: benchmarks/gpu_check.sh --dry-run (Triton interpreted).
+    "tiny-mixtral": Shape("mixtral", 64, 64, 8, 2),
+    "tiny-deepseek": Shape("deepseek_v3", 64, 32, 16, 4, 4, 2, shared=1),
+    "tiny-qwen": Shape("qwen3_moe", 64, 32, 16, 4),
 }
 GPU_SHAPES = ("mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b")
 CPU_SHAPES = ("cpu-mixtral",)
@@ -144,8 +152,8 @@ def routed_experts(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.unique(idx.reshape(-1))
 
 
-def active_bytes(shape: Shape, n_experts_hit: int) -> int:
-    return expert_bytes(shape) * (n_experts_hit + shape.shared)
+def active_bytes(shape: Shape, n_experts_hit: int, dtype_bytes: int = 4) -> int:
+    return expert_bytes(shape, dtype_bytes) * (n_experts_hit + shape.shared)
 
 
 def layer_flops(shape: Shape, tokens: int) -> int:
@@ -234,12 +242,12 @@ def _llc_bytes() -> int:
         return 32 * 1024**2
 
 
-def num_copies(shape: Shape, device: torch.device, hot: bool, budget_bytes: int) -> int:
+def num_copies(shape: Shape, device: torch.device, hot: bool, budget_bytes: int, dtype_bytes: int = 4) -> int:
     if hot:
         return 1
     cache = _llc_bytes() if device.type == "cpu" else 50 * 1024**2  # H100 L2 50 MB, H200 the same
-    per_copy_active = active_bytes(shape, shape.top_k)  # what one token reads
-    per_copy_total = expert_bytes(shape) * (shape.experts + shape.shared)
+    per_copy_active = active_bytes(shape, shape.top_k, dtype_bytes)  # what one token reads
+    per_copy_total = expert_bytes(shape, dtype_bytes) * (shape.experts + shape.shared)
     need = max(math.ceil(4 * cache / per_copy_active), math.ceil(4 * cache / per_copy_total), 2)
     return max(1, min(need, budget_bytes // per_copy_total))
 
@@ -259,9 +267,11 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.device,
                 log: Callable[[str], None]) -> list[dict[str, Any]]:
-    base = build_block(shape).to(device)
-    L = num_copies(shape, device, args.hot, int(args.budget_gb * 1024**3))
-    log(f"{name}: {L} cop{'y' if L == 1 else 'ies'} of the block ({L * expert_bytes(shape) * shape.experts / 1e6:.0f} MB "
+    dtype = DTYPES[args.dtype]
+    el = torch.finfo(dtype).bits // 8
+    base = build_block(shape).to(device=device, dtype=dtype)
+    L = num_copies(shape, device, args.hot, int(args.budget_gb * 1024**3), el)
+    log(f"{name}: {L} cop{'y' if L == 1 else 'ies'} of the block ({L * expert_bytes(shape, el) * shape.experts / 1e6:.0f} MB "
         f"of expert weights), {'hot' if args.hot else 'cold'}")
     blocks = [base] + [copy.deepcopy(base) for _ in range(L - 1)]
     rows: list[dict[str, Any]] = []
@@ -270,9 +280,9 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
     # Compiled callables take the block as an argument so every copy shares one compiled graph.
     for tokens_n in tokens:
         g = torch.Generator().manual_seed(tokens_n)
-        x = torch.randn(1, tokens_n, shape.hidden, generator=g).to(device)
+        x = torch.randn(1, tokens_n, shape.hidden, generator=g).to(device=device, dtype=dtype)
         hit = routed_experts(base, x)
-        nbytes = active_bytes(shape, len(hit))
+        nbytes = active_bytes(shape, len(hit), el)
         flops = layer_flops(shape, tokens_n)
         with torch.no_grad():
             for b in blocks:
@@ -288,7 +298,7 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
             if out is not None:
                 err = _error(out, ref)
                 row["rel_err"] = None if math.isinf(err) else err  # strict JSON has no infinity
-                row["ok"] = err <= REL_TOL
+                row["ok"] = err <= REL_TOL[dtype]
             rows.append(row)
             log(f"  {backend:14s} T={tokens_n:<6d} {med:9.3f} ms  {row['tflops']:7.3f} TFLOP/s  {row['gbps']:7.1f} GB/s"
                 + (f"  err {err:.1e}" if out is not None else ""))
@@ -305,14 +315,14 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
                 set_experts_impl(b, "eager")
 
             if "inductor" in wanted:
-                torch._dynamo.reset()
+                torch.compiler.reset()
                 fn = torch.compile(lambda blk, inp: blk(inp))
                 t0 = time.perf_counter()
                 out = fn(base, x)
                 record("inductor", lambda i: fn(blocks[i % L], x), out, compile_s=time.perf_counter() - t0)
 
             if "moec" in wanted:
-                fn, out, compile_s, err = _moec_row(blocks, x, device)
+                fn, out, compile_s, err = _moec_row(blocks, x, device, args.target)
                 if err:
                     log(f"  moec: {err}")
                     rows.append({"shape": name, "backend": "moec", "tokens": tokens_n, "error": err})
@@ -324,7 +334,7 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
                 record("moec-cpu-ops", lambda i: moec_cpu_ops_forward(blocks[i % L], shape, x), out)
 
             if "dense" in wanted:
-                _dense_rows(record, blocks, shape, tokens_n, device)
+                _dense_rows(record, blocks, shape, tokens_n, device, dtype)
             if "stream-read" in wanted:
                 weights = [_hit_weights(b, hit) for b in blocks]
                 record("stream-read", lambda i: [w.sum() for w in weights[i % L]])
@@ -332,14 +342,15 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
     return rows
 
 
-def _moec_row(blocks, x, device):
+def _moec_row(blocks, x, device, target: str = "auto"):
     """Compile once with moec (target cpu or triton) and run it on the first copy."""
     import moec
     from moec.capture import convert_model
 
-    target = "cpu" if device.type == "cpu" else "triton"
+    if target == "auto":
+        target = "cpu" if device.type == "cpu" else "triton"
     try:
-        torch._dynamo.reset()
+        torch.compiler.reset()
         for b in blocks:
             convert_model(b)
         fn = moec.compile(lambda blk, inp: blk(inp), inner="inductor", target=target)
@@ -361,13 +372,14 @@ def _hit_weights(block: nn.Module, hit: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _dense_rows(record, blocks, shape: Shape, tokens_n: int, device: torch.device) -> None:
+def _dense_rows(record, blocks, shape: Shape, tokens_n: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> None:
     """Plain GEMMs with the layer's routed FLOPs: [N, H] x [H, 2I], [N, I] x [I, H], N = T*K(+T shared)."""
     L = len(blocks)
     N = tokens_n * (shape.top_k + shape.shared)
     g = torch.Generator().manual_seed(1)
-    x_NH = torch.randn(N, shape.hidden, generator=g).to(device)
-    a_NI = torch.randn(N, shape.inter, generator=g).to(device)
+    x_NH = torch.randn(N, shape.hidden, generator=g).to(device=device, dtype=dtype)
+    a_NI = torch.randn(N, shape.inter, generator=g).to(device=device, dtype=dtype)
     w = [(b.experts.gate_up_proj[0], b.experts.down_proj[0]) for b in blocks]  # [2I, H], [H, I]
 
     def dense_mm(i):
@@ -469,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", nargs="+", type=int, default=None,
                    help=f"token counts (default {list(CPU_TOKENS)} on CPU, {list(GPU_TOKENS)} on GPU)")
     p.add_argument("--backends", default="hf-eager,hf-grouped_mm,inductor,moec,moec-cpu-ops,dense,stream-read")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--target", default="auto", choices=["auto", "cpu", "triton"],
+                   help="moec's kernels (auto: cpu on CPU, triton on GPU)")
     p.add_argument("--hot", action="store_true", help="one copy of the weights (they stay cached between calls)")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -499,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ops and device.type == "cpu" and SHAPES[name].family != "deepseek_v3":
             op_rows += bench_ops(name, SHAPES[name], tokens, args, device, log)
     print(format_table(rows))
-    doc = {"benchmark": "moe_layer", "mode": "hot" if args.hot else "cold", "dtype": "float32",
+    doc = {"benchmark": "moe_layer", "mode": "hot" if args.hot else "cold", "dtype": args.dtype, "target": args.target,
            "repeat": args.repeat, "warmup": args.warmup, "machine": machine(device), "results": rows, "ops": op_rows}
     if args.out:
         path = args.out if args.out.endswith(".json") else os.path.join(RESULTS_DIR, f"{args.out}.json")

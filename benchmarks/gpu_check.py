@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Every GPU check of moec in one command, for a bare GPU machine without network.
+
+Contract: ``benchmarks/gpu_check.sh OUT_DIR [--dry-run]`` (this file does the work) runs the steps
+below in order, printing one progress line as each starts and ends, and writes
+``OUT_DIR/gpu-check.json``: the device name, the versions, every step's command, exit status,
+seconds, limit and output tail, and the results the benchmark steps wrote (``layers``,
+``decode``, ``train``). A step that fails or runs past its limit is recorded and the next one
+runs; the exit status is 1 if any step failed, else 0.
+
+Steps (real mode: CUDA, bf16, full-size layers; their limits add up to 450 s, 7.5 minutes):
+
+1. ``install``   ``pip install --no-deps --no-build-isolation -e .`` (offline; the image has
+                 torch, triton, transformers, networkx, sympy, pytest). If it fails the other
+                 steps import moec from the checkout (``PYTHONPATH``), and the record says so.
+2. ``gpu-tests`` ``pytest -m gpu`` (the tests that need a CUDA GPU).
+3. ``layers``    ``benchmarks/moe_layer.py`` at the Mixtral-8x7B, DeepSeek-V3 and Qwen3-30B-A3B
+                 shapes, bf16, 128 / 2048 / 8192 tokens: HF eager, HF grouped_mm, Inductor, moec.
+4. ``decode``    the same at 1 / 8 / 64 tokens for Mixtral and DeepSeek-V3 with the weight-read
+                 floor (``stream-read``): the GB/s column is the decode bandwidth.
+5. ``train``     ``moec bench hf:mixtral --train``: one forward + backward step on one GPU,
+                 eager, Inductor and moec, bf16, 512 tokens.
+
+``--dry-run`` runs the same steps on the CPU with tiny layers (``tiny-*`` shapes, float32, Triton
+in the interpreter, one timed call), skips ``install`` (the running Python's moec is used) and
+finishes in a few minutes; it is part of the default test run so the script cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def steps(out: str, dry: bool) -> list[tuple[str, list[str], int]]:
+    """(name, command, limit in seconds) of each step."""
+    layer = [PY, "benchmarks/moe_layer.py", "--backends"]
+    if dry:
+        return [
+            ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                           "tests/codegen/test_triton_kernels.py"], 120),
+            ("layers", layer + ["hf-eager,hf-grouped_mm,moec", "--device", "cpu", "--dtype", "float32",
+                                "--target", "triton", "--shapes", "tiny-mixtral", "tiny-deepseek", "tiny-qwen",
+                                "--tokens", "4", "--repeat", "1", "--warmup", "0", "--hot",
+                                "--out", os.path.join(out, "layers.json")], 300),
+            ("decode", layer + ["hf-eager,moec,stream-read", "--device", "cpu", "--dtype", "float32", "--target",
+                                "triton", "--shapes", "tiny-mixtral", "--tokens", "1", "--repeat", "1", "--warmup",
+                                "0", "--hot", "--out", os.path.join(out, "decode.json")], 180),
+            ("train", [PY, "-m", "moec.cli", "bench", "hf:mixtral", "--train", "--device", "cpu", "--tokens", "8",
+                       "--repeat", "1", "--warmup", "0", "--backends", "eager,moec", "--quiet",
+                       "--out", os.path.join(out, "train.json")], 240),
+        ]
+    return [
+        ("install", [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."],
+         45),
+        ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], 45),
+        ("layers", layer + ["hf-eager,hf-grouped_mm,inductor,moec", "--device", "cuda", "--dtype", "bfloat16",
+                            "--shapes", "mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "--tokens", "128", "2048",
+                            "8192", "--repeat", "10", "--warmup", "2", "--out", os.path.join(out, "layers.json")], 200),
+        ("decode", layer + ["hf-eager,hf-grouped_mm,moec,stream-read", "--device", "cuda", "--dtype", "bfloat16",
+                            "--shapes", "mixtral-8x7b", "deepseek-v3", "--tokens", "1", "8", "64", "--repeat", "20",
+                            "--warmup", "3", "--out", os.path.join(out, "decode.json")], 80),
+        ("train", [PY, "-m", "moec.cli", "bench", "hf:mixtral", "--train", "--device", "cuda", "--dtype", "bfloat16",
+                   "--tokens", "512", "--repeat", "5", "--warmup", "1", "--quiet",
+                   "--out", os.path.join(out, "train.json")], 80),
+    ]
+
+
+def device_name(dry: bool) -> str:
+    import torch
+
+    if not dry and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, dry run)" if dry else "no CUDA device"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("torch", "triton", "transformers"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            found[name] = "missing"
+    return found
+
+
+def run_step(name: str, cmd: list[str], limit: int, env: dict[str, str], i: int, n: int) -> dict:
+    print(f"[{i}/{n}] {name}: started (limit {limit} s)", flush=True)
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=limit)
+        rc, output = done.returncode, done.stdout
+    except subprocess.TimeoutExpired as e:
+        rc, output = 124, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    seconds = round(time.perf_counter() - t0, 1)
+    status = "ok" if rc == 0 else ("TIMEOUT" if rc == 124 else f"FAILED (exit {rc})")
+    print(f"[{i}/{n}] {name}: {status} in {seconds} s", flush=True)
+    return {"name": name, "command": " ".join(cmd), "rc": rc, "seconds": seconds, "limit_s": limit,
+            "output_tail": output[-4000:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", help="folder for gpu-check.json and the benchmarks' own JSON")
+    p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with tiny shapes")
+    opts = p.parse_args(argv)
+    out = os.path.abspath(opts.out_dir)
+    os.makedirs(out, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if opts.dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    plan = steps(out, opts.dry_run)
+    t0 = time.perf_counter()
+    doc = {"check": "gpu_check", "mode": "dry-run" if opts.dry_run else "gpu", "device": device_name(opts.dry_run),
+           "versions": versions(), "steps": []}
+    print(f"gpu_check ({doc['mode']}) on {doc['device']}: {', '.join(f'{k} {v}' for k, v in doc['versions'].items())}",
+          flush=True)
+    for i, (name, cmd, limit) in enumerate(plan, 1):
+        doc["steps"].append(run_step(name, cmd, limit, env, i, len(plan)))
+    for key in ("layers", "decode", "train"):
+        path = os.path.join(out, f"{key}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                doc[key] = json.load(f)
+    doc["seconds"] = round(time.perf_counter() - t0, 1)
+    failed = [s["name"] for s in doc["steps"] if s["rc"] != 0]
+    doc["failed"] = failed
+    path = os.path.join(out, "gpu-check.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+        f.write("\n")
+    print(f"wrote {path} ({doc['seconds']} s); " + (f"failed: {', '.join(failed)}" if failed else "every step ok"),
+          flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
