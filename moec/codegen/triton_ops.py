@@ -169,8 +169,12 @@ def _launch(kernel, grid, *args, **meta) -> None:
 
     if any(isinstance(g, int) and g == 0 for g in grid):
         return
-    if not isinstance(kernel, JITFunction) and _traced(args):
-        return  # an interpreted kernel cannot run on fake tensors; the allocations are the meta result
+    if not isinstance(kernel, JITFunction):
+        if _traced(args):
+            return  # an interpreted kernel cannot run on fake tensors; the allocations are the meta result
+        # Interpreted and not traced: launched directly (torch 2.11's wrap_triton takes JITFunctions only).
+        kernel[grid](*args, **meta)
+        return
     wrap_triton(kernel)[grid](*args, **meta)
 
 
