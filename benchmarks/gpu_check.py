@@ -56,7 +56,7 @@ def steps(out: str, dry: bool) -> list[tuple[str, list[str], int]]:
                                 "0", "--hot", "--out", os.path.join(out, "decode.json")], 180),
             ("train", [PY, "-m", "moec.cli", "bench", "hf:mixtral", "--train", "--device", "cpu", "--tokens", "8",
                        "--repeat", "1", "--warmup", "0", "--backends", "eager,moec", "--quiet",
-                       "--out", os.path.join(out, "train.json")], 240),
+                       "--out", os.path.join(out, "train.json")], 600),  # a cold build of moec's C++ kernels
         ]
     return [
         ("install", [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."],

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_gpu_check_dry_run(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
     done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--dry-run"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:]
     for step in ("gpu-tests", "layers", "decode", "train"):
         assert f"{step}: ok" in done.stdout, done.stdout
