@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
-# Oldest and newest torch (major, minor) the suite is run on; see README "Versions".
-TESTED = ((2, 11), (2, 14))
+# Oldest and newest torch (major, minor) moec is checked on; see README "Versions". Not 2.14 yet:
+# its torch.clamp passes no gradient at the bounds (2.13 and older pass it), and moec's Triton
+# and C++ epilogues of the clamped activations follow the older rule.
+TESTED = ((2, 11), (2, 13))
 
 
 def version() -> tuple[int, int]:
