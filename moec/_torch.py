@@ -48,7 +48,8 @@ from torch._ops import OpOverload, OpOverloadPacket  # noqa: E402
 __all__ = ["TESTED", "COMPILE_FRAME", "COMPILE_LOCALS", "counters", "OpOverload", "OpOverloadPacket", "version",
            "supported", "missing", "dynamo_optimize", "uncaptured_hop_error", "callback_handler", "optimized_module",
            "lookup_backend", "tracing_context", "inductor_compile_fx", "inductor_config", "functorch_config",
-           "custom_graph_pass", "fake_tensor", "functional_tensor", "effect_type", "dispatch_mode"]
+           "custom_graph_pass", "fake_tensor", "functional_tensor", "effect_type", "dispatch_mode",
+           "extension_build_dir"]
 
 # The frame whose locals ``moec.capture.hook`` reads: (module name, function name).
 COMPILE_FRAME = ("torch._dynamo.convert_frame", "_compile")
@@ -142,6 +143,13 @@ def dispatch_mode() -> type:
     return TorchDispatchMode
 
 
+def extension_build_dir(name: str) -> str:
+    """Where ``torch.utils.cpp_extension`` builds the extension ``name`` (it holds the build's lock)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return _get_build_directory(name, False)
+
+
 def missing() -> list[str]:
     """The internals above that this torch lacks, each as a readable name; [] when all are there."""
     found = []
@@ -163,6 +171,7 @@ def missing() -> list[str]:
         ("torch._subclasses.functional_tensor", functional_tensor),
         ("torch._library.effects.EffectType.ORDERED", lambda: effect_type().ORDERED),
         ("torch.utils._python_dispatch.TorchDispatchMode", dispatch_mode),
+        ("torch.utils.cpp_extension._get_build_directory", lambda: extension_build_dir("moec_probe")),
     ]
     for name, get in checks:
         try:

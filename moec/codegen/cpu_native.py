@@ -30,7 +30,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+import warnings
 from typing import Optional
+
+from moec import _torch
 
 # Gated activations are the codes below 4, 8, and 10 and up; the others (4-7, 9) are ungated.
 ACT_CODES = {"swiglu": 0, "geglu": 1, "geglu_tanh": 2, "clamped_swiglu": 3, "relu": 4, "gelu": 5, "gelu_tanh": 6,
@@ -179,6 +183,7 @@ def load():
         # -march=native build is not reused by a machine without the instructions it uses.
         key = _SOURCE + torch.backends.cpu.get_cpu_capability()
         name = "moec_cpu_native_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        clear_stale_lock(os.path.join(_torch.extension_build_dir(name), "lock"))
         _module = load_inline(
             name, cpp_sources=_SOURCE, functions=["gemv_act", "gemv_combine"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
@@ -187,6 +192,28 @@ def load():
         _why_not = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         return None
     return _module
+
+
+# A build on the 2-core machine takes a few minutes; a lock this old was left by a killed build,
+# and torch would wait on it forever.
+STALE_LOCK_S = 20 * 60
+
+
+def clear_stale_lock(path: str, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove the build lock at ``path`` when it is older than ``max_age_s``; whether it did."""
+    try:
+        age = time.time() - os.path.getmtime(path)
+    except OSError:
+        return False
+    if age <= max_age_s:
+        return False
+    warnings.warn(f"moec: removing a build lock {age / 60:.0f} minutes old (a killed build left it): {path}",
+                  RuntimeWarning)
+    try:
+        os.remove(path)
+    except OSError:
+        return False
+    return True
 
 
 def why_not() -> Optional[str]:

@@ -507,3 +507,22 @@ def test_native_kernels_take_the_small_rows(cpu_path):
     out_ref = torch.ops.moec.grouped_gemm_combine(a_ref, slot, counts, w_out, None, weights, False)
     assert_scaled_close(out, out_ref, 2e-6, "one-token layer")
     assert calls == (["gemv_act", "gemv_combine"] if cpu_path == "native" else [])
+
+
+def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
+    """A killed build leaves torch's lock file behind and the next build would wait on it forever;
+    one older than ``STALE_LOCK_S`` is removed, a younger one (a build in progress) is kept."""
+    import os
+    import time
+
+    from moec.codegen import cpu_native
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not cpu_native.clear_stale_lock(str(lock)) and lock.exists()
+    old = time.time() - cpu_native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="build lock"):
+        assert cpu_native.clear_stale_lock(str(lock))
+    assert not lock.exists()
+    assert not cpu_native.clear_stale_lock(str(lock))  # nothing there
