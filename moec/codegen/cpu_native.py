@@ -178,10 +178,12 @@ def load():
 
         import torch
 
-        # The source and the CPU's vector ISA in the name: each version builds in its own directory,
-        # so processes running different moec versions never load one another's library, and a
-        # -march=native build is not reused by a machine without the instructions it uses.
-        key = _SOURCE + torch.backends.cpu.get_cpu_capability()
+        # The source, the CPU's vector ISA and torch's version in the name: each builds in its own
+        # directory, so processes running different moec versions never load one another's library,
+        # a -march=native build is not reused by a machine without the instructions it uses, and a
+        # library built against one torch is never loaded by another (torch 2.14's, loaded by 2.11
+        # from the shared py311_cu130 directory, crashed it).
+        key = _SOURCE + torch.backends.cpu.get_cpu_capability() + torch.__version__
         name = "moec_cpu_native_" + hashlib.sha256(key.encode()).hexdigest()[:16]
         clear_stale_lock(os.path.join(_torch.extension_build_dir(name), "lock"))
         _module = load_inline(
