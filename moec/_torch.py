@@ -21,10 +21,8 @@ from typing import Any
 
 import torch
 
-# Oldest and newest torch (major, minor) moec is checked on; see README "Versions". Not 2.14 yet:
-# its torch.clamp passes no gradient at the bounds (2.13 and older pass it), and moec's Triton
-# and C++ epilogues of the clamped activations follow the older rule.
-TESTED = ((2, 11), (2, 13))
+# Oldest and newest torch (major, minor) moec is checked on; see README "Versions" for how far.
+TESTED = ((2, 11), (2, 14))
 
 
 def version() -> tuple[int, int]:
@@ -49,7 +47,7 @@ __all__ = ["TESTED", "COMPILE_FRAME", "COMPILE_LOCALS", "counters", "OpOverload"
            "supported", "missing", "dynamo_optimize", "uncaptured_hop_error", "callback_handler", "optimized_module",
            "lookup_backend", "tracing_context", "inductor_compile_fx", "inductor_config", "functorch_config",
            "custom_graph_pass", "fake_tensor", "functional_tensor", "effect_type", "dispatch_mode",
-           "extension_build_dir"]
+           "extension_build_dir", "clamp_grad_at_bounds"]
 
 # The frame whose locals ``moec.capture.hook`` reads: (module name, function name).
 COMPILE_FRAME = ("torch._dynamo.convert_frame", "_compile")
@@ -148,6 +146,24 @@ def extension_build_dir(name: str) -> str:
     from torch.utils.cpp_extension import _get_build_directory
 
     return _get_build_directory(name, False)
+
+
+def clamp_grad_at_bounds() -> bool:
+    """Whether ``torch.clamp``'s autograd passes the gradient where the input equals a bound: torch
+    2.13 and older do, 2.14 does not. moec's hand-written clamp gradients (Triton epilogues, the CPU
+    target) follow the installed torch, so that they match eager and the reference bit for bit."""
+    return _CLAMP_AT_BOUNDS
+
+
+def _probe_clamp() -> bool:
+    # At import, outside any tracing or fake mode; grad enabled whatever the caller's mode.
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor([-1.0, 1.0], requires_grad=True)
+        (grad,) = torch.autograd.grad(x.clamp(min=-1.0, max=1.0).sum(), x)
+    return bool((grad == 1).all())
+
+
+_CLAMP_AT_BOUNDS = _probe_clamp()
 
 
 def missing() -> list[str]:

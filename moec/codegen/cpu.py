@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moec import _torch
 from moec.codegen import cpu_native
 from moec.ir.lowered import (BACKWARD_OPS, FAKES, LOWERED_OPS, act_width, gate_kind, gate_reference, out_rows,
                               out_width, permute_reference, register_autograd)
@@ -207,7 +208,8 @@ _HAND_WRITTEN_GATED = ("swiglu", "reglu", "swiglu_limit", "swiglu_limit_post", "
 def _gated_grad(grad_MI: Tensor, gate_MI: Tensor, up_MI: Tensor, activation: str, alpha: float,
                 limit: float) -> tuple[Tensor, Tensor]:
     """(d_gate, d_up) of a gated activation. The clamps pass the gradient where their input lies
-    within the bounds, ends included, and stop it outside, as torch.clamp's autograd does."""
+    within the bounds and stop it outside, as the installed torch.clamp's autograd does (ends
+    included up to torch 2.13, excluded from 2.14: ``moec._torch.clamp_grad_at_bounds``)."""
     if activation == "reglu":
         return grad_MI * up_MI * (gate_MI > 0), grad_MI * gate_MI.clamp_min(0)
     if activation == "softcap_swiglu":
@@ -222,18 +224,21 @@ def _gated_grad(grad_MI: Tensor, gate_MI: Tensor, up_MI: Tensor, activation: str
         sig_MI = torch.sigmoid(gate_MI)
         # d silu(g) / dg = s + g s (1 - s) = s (1 + g (1 - s))
         return grad_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI)), grad_MI * (gate_MI * sig_MI)
-    in_up_MI = (up_MI >= -limit) & (up_MI <= limit)
+    # As the installed torch's clamp: ends included up to torch 2.13, excluded from 2.14.
+    le = torch.le if _torch.clamp_grad_at_bounds() else torch.lt
+    in_up_MI = torch.ge(up_MI, -limit) if _torch.clamp_grad_at_bounds() else torch.gt(up_MI, -limit)
+    in_up_MI &= le(up_MI, limit)
     up_c_MI = up_MI.clamp(min=-limit, max=limit)
     if activation == "swiglu_limit":
         g_c_MI = gate_MI.clamp(max=limit)
         sig_MI = torch.sigmoid(g_c_MI)
         d_gate_MI = grad_MI * up_c_MI * sig_MI * (1 + g_c_MI * (1 - sig_MI))
-        return torch.where(gate_MI <= limit, d_gate_MI, 0), torch.where(in_up_MI, grad_MI * (g_c_MI * sig_MI), 0)
+        return torch.where(le(gate_MI, limit), d_gate_MI, 0), torch.where(in_up_MI, grad_MI * (g_c_MI * sig_MI), 0)
     # swiglu_limit_post: the clamp acts on the SiLU's output, computed as the forward does (F.silu),
     # so that an output exactly at the limit passes the gradient in both.
     sig_MI, silu_MI = torch.sigmoid(gate_MI), F.silu(gate_MI)
     d_gate_MI = grad_MI * up_c_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
-    return (torch.where(silu_MI <= limit, d_gate_MI, 0),
+    return (torch.where(le(silu_MI, limit), d_gate_MI, 0),
             torch.where(in_up_MI, grad_MI * silu_MI.clamp(max=limit), 0))
 
 

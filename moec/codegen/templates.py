@@ -103,11 +103,19 @@ def _tanh(v: str, out: str) -> str:
             f"{out} = tl.where({out}_a < 0.25, {out}_series, tl.where({out}_v < 0.0, -{out}_big, {out}_big))")
 
 
+def _le() -> str:
+    """The comparison under which a clamp passes the gradient at its bound, as the installed
+    torch's clamp does (``moec._torch.clamp_grad_at_bounds``: ends included up to torch 2.13)."""
+    from moec import _torch
+
+    return "<=" if _torch.clamp_grad_at_bounds() else "<"
+
+
 def _limit_clamps(spec: KernelSpec) -> str:
     """``u_c``: up clamped to [-limit, limit]; ``in_u``: where that clamp passes the gradient."""
-    lim = _lit(spec.limit)
+    lim, le = _lit(spec.limit), _le()
     return (f"u_c = tl.minimum(tl.maximum(u, -{lim}), {lim})\n"
-            f"in_u = (u >= -{lim}) & (u <= {lim})")
+            f"in_u = (-{lim} {le} u) & (u {le} {lim})")
 
 
 def _softcaps(spec: KernelSpec) -> str:
@@ -184,25 +192,26 @@ def activation_backward(spec: KernelSpec) -> str:
         return _gelu_tanh_grad("g") + "\nd_g = go * u * dgelu_v\nd_u = go * gelu_v"
     if a == "clamped_swiglu":
         lim, alpha = _lit(spec.limit), _lit(spec.alpha)
-        # torch.clamp passes the gradient where the input lies within the bounds, ends included.
+        # torch.clamp passes the gradient where the input lies within the bounds (ends as _le says).
+        le = _le()
         return (f"g_c = tl.minimum(g, {lim})\n"
                 f"u_c = tl.minimum(tl.maximum(u, -{lim}), {lim})\n"
                 f"s = tl.sigmoid(g_c * {alpha})\n"
-                f"d_u = tl.where((u >= -{lim}) & (u <= {lim}), go * g_c * s, 0.0)\n"
-                f"d_g = tl.where(g <= {lim}, go * (u_c + 1.0) * (s + {alpha} * g_c * s * (1.0 - s)), 0.0)")
+                f"d_u = tl.where((-{lim} {le} u) & (u {le} {lim}), go * g_c * s, 0.0)\n"
+                f"d_g = tl.where(g {le} {lim}, go * (u_c + 1.0) * (s + {alpha} * g_c * s * (1.0 - s)), 0.0)")
     if a == "swiglu_limit":
         # As torch.clamp's autograd: the gradient passes within the bounds, ends included.
         lim = _lit(spec.limit)
         return (f"g_c = tl.minimum(g, {lim})\n" + _limit_clamps(spec) + "\n"
                 "s = tl.sigmoid(g_c)\n"
                 "d_u = tl.where(in_u, go * g_c * s, 0.0)\n"
-                f"d_g = tl.where(g <= {lim}, go * u_c * s * (1.0 + g_c * (1.0 - s)), 0.0)")
+                f"d_g = tl.where(g {_le()} {lim}, go * u_c * s * (1.0 + g_c * (1.0 - s)), 0.0)")
     if a == "swiglu_limit_post":
         lim = _lit(spec.limit)
         return ("s = tl.sigmoid(g)\n"
                 "silu_g = g * s\n" + _limit_clamps(spec) + "\n"
                 f"d_u = tl.where(in_u, go * tl.minimum(silu_g, {lim}), 0.0)\n"
-                f"d_g = tl.where(silu_g <= {lim}, go * u_c * s * (1.0 + g * (1.0 - s)), 0.0)")
+                f"d_g = tl.where(silu_g {_le()} {lim}, go * u_c * s * (1.0 + g * (1.0 - s)), 0.0)")
     if a == "softcap_swiglu":
         # d (c s v) / dg = v (c' s + c s (1 - s)), c' = 1 - t_g^2;  d / du = c s v', v' = 1 - t_u^2
         return (_softcaps(spec) + "\n"
