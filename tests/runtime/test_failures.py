@@ -18,6 +18,7 @@ Legend: W ranks, T tokens per rank, H hidden, I expert hidden, K top-k, E expert
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import os
 import time
@@ -100,7 +101,9 @@ def _worker(rank: int, world: int, tmp: str, mode: str) -> None:
         result["healthy_rows"] = ep_moe(*_layer_args(rank), num_experts=E, activation="swiglu",
                                         group=groups["ep_moe"]).shape[0]
         # A subgroup in non-sorted rank order: only its members call ep_group; group ranks are kept.
-        sub = dist.new_group([1, 0], sort_ranks=False)  # every rank of the world calls new_group
+        # (torch 2.11's new_group always sorts: the subgroup is [0, 1] there)
+        unsorted = "sort_ranks" in inspect.signature(dist.new_group).parameters
+        sub = dist.new_group([1, 0], sort_ranks=False) if unsorted else dist.new_group([0, 1])
         if rank in (0, 1):
             ep_sub = ep_group(sub, timeout_s=5)
             total = torch.tensor([float(dist.get_rank(ep_sub))])
@@ -180,7 +183,10 @@ def test_dead_or_hung_rank_raises_collective_error(mode, kind, tmp_path):
     for rank, result in enumerate(_spawn(mode, str(tmp_path))):
         assert result["cached"] and result["distinct"], rank
         assert result["healthy_rows"] == T, rank
-        assert result["subgroup"] == [[1, 0], 1 - rank, 1.0], rank
+        if "sort_ranks" in inspect.signature(dist.new_group).parameters:
+            assert result["subgroup"] == [[1, 0], 1 - rank, 1.0], rank
+        else:
+            assert result["subgroup"] == [[0, 1], rank, 1.0], rank
         for op, timeout_s in OP_TIMEOUTS_S.items():
             seen = result["ops"][op]
             where = f"{mode}, rank {rank}, {op}: {seen}"
