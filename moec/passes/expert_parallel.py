@@ -218,15 +218,31 @@ def expert_parallel(
     return gm, changed
 
 
-def _gathered_shard(w: Node) -> Optional[Node]:
-    """``shard`` when ``w`` is ``wait_tensor(all_gather_into_tensor(shard, ...))``, else None."""
-    if not (isinstance(w, Node) and is_wait(w)):
+def _gather_of(w: Node) -> Optional[Node]:
+    """The ``all_gather_into_tensor`` node whose result ``w`` is, in either form dynamo traces
+    ``all_gather_tensor_autograd`` to: ``wait_tensor(all_gather_into_tensor(shard))`` (torch 2.13
+    on), or ``getitem(autograd_function_apply(fwd, bwd, all_gather_into_tensor(shard)), 0)`` with the
+    wait inside the applied function's body (torch 2.11)."""
+    if not isinstance(w, Node):
         return None
-    gather = w.args[0]
+    if is_wait(w):
+        gather = w.args[0]
+    elif (w.op == "call_function" and w.target is operator.getitem and w.args[1] == 0
+          and isinstance(w.args[0], Node) and getattr(w.args[0].target, "__name__", "") == "autograd_function_apply"):
+        inputs = [a for a in w.args[0].args if isinstance(a, Node) and a.op == "call_function"]
+        gather = inputs[0] if len(inputs) == 1 else None
+    else:
+        return None
     if isinstance(gather, Node) and gather.op == "call_function" and getattr(gather.target, "__name__", "").startswith(
             "all_gather_into_tensor"):
-        return gather.args[0]
+        return gather
     return None
+
+
+def _gathered_shard(w: Node) -> Optional[Node]:
+    """``shard`` when ``w`` is the all-gather of ``shard`` (``_gather_of``), else None."""
+    gather = _gather_of(w)
+    return None if gather is None else gather.args[0]
 
 
 def _placement(w: Node) -> Optional[tuple[list[int], list[int], list[float]]]:
@@ -237,13 +253,18 @@ def _placement(w: Node) -> Optional[tuple[list[int], list[int], list[float]]]:
 
 
 def _erase_unused_gathers(graph: torch.fx.Graph) -> None:
+    """Erase the all-gathers the layers no longer read (they use their shards), with every node
+    between the gather and its result that only they used (the wait, or the applied function and
+    its bodies)."""
     for node in reversed(list(graph.nodes)):
-        shard = _gathered_shard(node)
-        if shard is not None and not node.users:
-            gather = node.args[0]
-            graph.erase_node(node)
-            if not gather.users:
-                graph.erase_node(gather)
+        if _gather_of(node) is not None and not node.users:
+            dead = [node]
+            while dead:
+                n = dead.pop()
+                inputs = n.all_input_nodes
+                graph.erase_node(n)
+                dead += [i for i in inputs if not i.users and i.op in ("call_function", "get_attr")
+                         and i not in dead]
         elif _placement(node) is not None and not node.users:
             graph.erase_node(node)
 

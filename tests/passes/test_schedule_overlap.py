@@ -232,6 +232,30 @@ def _weight_gradient_chunks(nodes):
     return chunks
 
 
+def test_training_graphs_use_the_shards_without_gathering(group_name, monkeypatch):
+    """The graphs a training step runs (AOT autograd's forward and backward) hold no all-gather of
+    the expert weights and no reduce-scatter of their gradients: the layers read their shards.
+    (Dynamo traces the gather differently with gradients on, and per torch release: torch 2.11
+    wraps its wait in an autograd function; an unmatched form would gather every expert's weights
+    on every step.)"""
+    import moec.backend
+
+    seen = []
+
+    def recording(gm):
+        seen.append(gm)
+        return schedule_overlap(gm)
+
+    monkeypatch.setattr(moec.backend, "schedule_overlap", recording)
+    model, args = BUILTIN_MODELS["shared-expert"]()
+    compiled = moec.compile(model, expert_parallel=True, chunks=CHUNKS, inner="aot_eager")
+    compiled(args[0].requires_grad_(True)).sum().backward()
+    assert len(seen) == 2  # forward, backward
+    for gm in seen:
+        names = [str(n.target) for n in gm.graph.nodes]
+        assert not [t for t in names if "all_gather" in t or "reduce_scatter" in t], names
+
+
 def test_backward_weight_gradients_run_under_their_own_exchange(group_name, monkeypatch):
     """Lancet's trick: the experts' backward is an input-gradient op and a weight-gradient op
     (moec.ir.lowered), so the scheduler issues each chunk's reverse exchange of the input
