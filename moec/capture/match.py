@@ -128,25 +128,14 @@ def _chosen(choice_TE: Tensor, K: int) -> Tensor:
     return chosen.scatter_(-1, choice_TE.topk(K, dim=-1).indices, True)
 
 
+_BASE_SCORES = {"softmax_topk": "softmax", "sigmoid_topk": "sigmoid", "sqrtsoftplus_topk": "sqrtsoftplus"}
+
+
 def _score(base: str, logits_TE: Tensor) -> Tensor:
-    if base == "softmax_topk":
-        return logits_TE.softmax(-1)
-    if base == "sigmoid_topk":
-        return logits_TE.sigmoid()
-    if base == "sqrtsoftplus_topk":
-        return F.softplus(logits_TE).sqrt()
-    return logits_TE
+    return ops.scores_of(logits_TE, _BASE_SCORES.get(base, "logits"))
 
 
 _SCORED_BASES = ("softmax_topk", "topk_softmax", "sigmoid_topk", "sqrtsoftplus_topk")
-
-
-def _group_masked(choice_TE: Tensor, ng: int, tg: int, group_max: bool) -> Tensor:
-    T, E = choice_TE.shape
-    grouped = choice_TE.reshape(T, ng, E // ng)
-    gscore = grouped.amax(-1) if group_max else grouped.topk(min(2, E // ng), dim=-1).values.sum(-1)
-    keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(-1, gscore.topk(tg, dim=-1).indices, True)
-    return choice_TE.masked_fill(~keep.unsqueeze(-1).expand_as(grouped).reshape(T, E), float("-inf"))
 
 
 def match_selection(logits_TE: Tensor, member_TE: Tensor, vectors: dict[str, Tensor],
@@ -176,7 +165,7 @@ def match_selection(logits_TE: Tensor, member_TE: Tensor, vectors: dict[str, Ten
                 for group_max in (False, True):
                     if K > tg * (E // ng):
                         continue
-                    c = _group_masked(choice, ng, tg, group_max)
+                    c = ops.group_mask(choice, ng, tg, group_max)
                     agree = agreement(_chosen(c, K))
                     best = max(best, agree)
                     if agree == 1.0:
@@ -229,7 +218,7 @@ def intended(sel: Selection, logits_TE: Tensor, vectors: dict[str, Tensor], K: i
     score = _score(sel.base, logits_TE)
     choice = score if sel.correction is None else score + vectors[sel.correction].double()
     if sel.num_groups > 1:
-        choice = _group_masked(choice, sel.num_groups, sel.topk_groups, sel.group_max)
+        choice = ops.group_mask(choice, sel.num_groups, sel.topk_groups, sel.group_max)
     return _chosen(choice, K)
 
 

@@ -116,12 +116,7 @@ class BlockPlan:
             x_TH = x.reshape(-1, H)
             xp = x if premap is None else premap(x)
             xp_TH = xp.reshape(-1, H)
-            if router_mod is None:
-                logits = router.logits(xp_TH)
-                router_out = None
-            else:
-                router_out = router_mod(xp_TH)
-                logits = router_out if self.router_call[1] < 0 else router_out[self.router_call[1]]
+            logits, router_out = self._logits(router, router_mod, xp_TH)
             if self.route_leading:  # a capacity per sequence: route [B, S, E], flatten after
                 weights, idx = router.route(logits.reshape(*x.shape[:-1], -1))
                 weights, idx = weights.reshape(-1, weights.shape[-1]), idx.reshape(-1, idx.shape[-1])
@@ -158,6 +153,14 @@ class BlockPlan:
 
         return moec_block_forward
 
+    def _logits(self, router, router_mod: Optional[nn.Module], xp_TH: Tensor) -> tuple[Tensor, Any]:
+        """(the router logits of ``xp_TH``, the router module's whole output or None): from the
+        router spec's weights, or by calling the layer's own router module (``router_call``)."""
+        if router_mod is None:
+            return router.logits(xp_TH), None
+        out = router_mod(xp_TH)
+        return (out if self.router_call[1] < 0 else out[self.router_call[1]]), out
+
     def tied_tokens(self, module: nn.Module, x: Tensor) -> Optional[Tensor]:
         """Tokens of ``x`` (bool, flattened) whose expert choice is a tie or within rounding of one:
         a top-k (or group) boundary where the best excluded score comes within what one rounding
@@ -170,12 +173,8 @@ class BlockPlan:
         router, H = self.router_spec(module), self.hidden
         with torch.no_grad():
             xp = x if self.premap is None else module.get_submodule(self.premap)(x)
-            xp_TH = xp.reshape(-1, H)
-            if self.router_call is None:
-                logits = router.logits(xp_TH)
-            else:
-                out = module.get_submodule(self.router_call[0])(xp_TH)
-                logits = out if self.router_call[1] < 0 else out[self.router_call[1]]
+            router_mod = None if self.router_call is None else module.get_submodule(self.router_call[0])
+            logits, _ = self._logits(router, router_mod, xp.reshape(-1, H))
             logits_f = logits.detach().float().reshape(-1, self.experts.num_experts)
             bias = _tensor(module, self.correction)
             eps = torch.finfo(logits.dtype).eps
@@ -190,7 +189,7 @@ class BlockPlan:
 
     def _tied(self, logits_f: Tensor, step: Tensor, scores: str, rk: RouterKind, bias: Optional[Tensor]) -> Tensor:
         def choice(lf: Tensor) -> Tensor:
-            c = _SCORES[scores](lf)
+            c = ops.scores_of(lf, scores)
             return c if bias is None else c + bias.detach().float()
 
         c = choice(logits_f)
@@ -199,10 +198,10 @@ class BlockPlan:
         if self.num_groups > 1:
             G = self.num_groups
             grouped = c.reshape(c.shape[0], G, -1)
-            score = grouped.amax(-1) if rk.group_max else grouped.topk(min(2, grouped.shape[-1]), -1).values.sum(-1)
+            score = ops.group_scores(grouped, rk.group_max)
             if self.topk_groups < G:
                 tied |= _boundary_gap(score, self.topk_groups) <= 2 * margin_T
-            c = ops._group_mask(c, G, self.topk_groups, rk.group_max)
+            c = ops.group_mask(c, G, self.topk_groups, rk.group_max)
         if self.top_k < c.shape[-1]:
             tied |= _boundary_gap(c, self.top_k) <= margin_T
         return tied
@@ -213,10 +212,6 @@ class BlockPlan:
             parts.insert(0, f"pre {self.premap}")
         parts += [f"+ {t.describe()}" + (" (shared expert)" if t.ffn else "") for t in self.terms]
         return ", ".join(parts)
-
-
-_SCORES = {"softmax": lambda lf: lf.softmax(-1), "sigmoid": torch.sigmoid, "logits": lambda lf: lf,
-           "sqrtsoftplus": lambda lf: torch.nn.functional.softplus(lf).sqrt()}
 
 
 def _boundary_gap(scores: Tensor, k: int) -> Tensor:

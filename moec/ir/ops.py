@@ -70,31 +70,44 @@ def check_activation_attrs(activation: str, alpha: float, limit: float) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _group_mask(choice_TE: Tensor, num_groups: int, topk_groups: int, group_max: bool) -> Tensor:
-    """Keep the ``topk_groups`` groups whose two best scores sum highest (DeepSeek-V3), or whose
-    best score is highest (``group_max``, DeepSeek-V2)."""
+def group_scores(grouped: Tensor, group_max: bool) -> Tensor:
+    """Each expert group's score (``grouped`` [..., G, E/G]): the sum of its two best scores
+    (DeepSeek-V3), or its best score (``group_max``, DeepSeek-V2)."""
+    return grouped.amax(dim=-1) if group_max else grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+
+
+def group_mask(choice_TE: Tensor, num_groups: int, topk_groups: int, group_max: bool) -> Tensor:
+    """Keep the experts of the ``topk_groups`` best-scored groups (``group_scores``); the others
+    get -inf."""
     T, E = choice_TE.shape[:-1], choice_TE.shape[-1]
     grouped = choice_TE.reshape(*T, num_groups, E // num_groups)
-    if group_max:
-        group_score = grouped.amax(dim=-1)
-    else:
-        group_score = grouped.topk(min(2, E // num_groups), dim=-1).values.sum(dim=-1)
+    group_score = group_scores(grouped, group_max)
     keep_group = torch.zeros_like(group_score, dtype=torch.bool)
     keep_group.scatter_(-1, group_score.topk(topk_groups, dim=-1).indices, True)
     keep = keep_group.unsqueeze(-1).expand_as(grouped).reshape(choice_TE.shape)
     return choice_TE.masked_fill(~keep, float("-inf"))
 
 
-def route_scores(logits_f: Tensor, rk: RouterKind) -> Tensor:
-    """What a router's weights are read from, per expert: softmax, sigmoid, sqrt(softplus) or the
-    logits."""
-    if rk.scores == "softmax":
+SCORES = ("softmax", "sigmoid", "sqrtsoftplus", "logits")
+
+
+def scores_of(logits_f: Tensor, scores: str) -> Tensor:
+    """The per-expert scores named ``scores`` (one of ``SCORES``) of the logits: softmax, sigmoid,
+    sqrt(softplus) (DeepSeek-V4; torch's softplus, beta 1, threshold 20) or the logits themselves."""
+    if scores == "softmax":
         return logits_f.softmax(dim=-1)
-    if rk.scores == "sigmoid":
+    if scores == "sigmoid":
         return logits_f.sigmoid()
-    if rk.scores == "sqrtsoftplus":  # DeepSeek-V4; torch's softplus (beta 1, threshold 20)
+    if scores == "sqrtsoftplus":
         return F.softplus(logits_f).sqrt()
-    return logits_f
+    if scores == "logits":
+        return logits_f
+    raise ValueError(f"moec: unknown router scores {scores!r}; expected one of {', '.join(SCORES)}")
+
+
+def route_scores(logits_f: Tensor, rk: RouterKind) -> Tensor:
+    """What a router's weights are read from, per expert (``scores_of`` the kind's scores)."""
+    return scores_of(logits_f, rk.scores)
 
 
 def route_choice(logits_f: Tensor, correction_bias_E: Optional[Tensor], rk: RouterKind, top_k: int, num_groups: int,
@@ -107,7 +120,7 @@ def route_choice(logits_f: Tensor, correction_bias_E: Optional[Tensor], rk: Rout
     if correction_bias_E is not None:
         choice_TE = choice_TE + correction_bias_E.float()
     if num_groups > 1:
-        choice_TE = _group_mask(choice_TE, num_groups, topk_groups, rk.group_max)
+        choice_TE = group_mask(choice_TE, num_groups, topk_groups, rk.group_max)
     return scores_TE, choice_TE.topk(top_k, dim=-1).indices
 
 
