@@ -4,10 +4,12 @@ compiler would like them.
 Contract
 --------
 * ``BUILTIN_MODELS[name](**kw)`` returns ``(model.eval(), (x_BSH,))`` with ``x_BSH`` float32
-  ``[2, 8, 64]``. The model is embedding-free: ``NUM_LAYERS`` pre-norm blocks
+  ``[2, 8, hidden]``. The model is embedding-free: ``num_layers`` pre-norm blocks
   ``x = x + moe(norm(x))`` with the MoE block at ``layers.{i}.moe``. Weights and input come from
   the factory's own seeded ``torch.Generator``: the same call gives bitwise the same model and input,
-  and the global RNG is not touched. Keyword overrides: ``num_experts``, ``top_k``, ``seed``.
+  and the global RNG is not touched. Keyword overrides (``OVERRIDES``): ``num_experts`` (8),
+  ``top_k`` (2), ``seed`` (0), ``hidden`` (64), ``intermediate`` (128), ``num_layers`` (2); a bad
+  value raises ValueError. On the command line: ``builtin:NAME:key=value,...``.
 * ``DEFAULT_BUILTIN`` ("moe-mlp") is the model the CLI and docs use when none is named.
 * ``expected_moe_layers(model)`` lists ``(module path, num_experts, top_k)`` of every MoE block.
 
@@ -243,17 +245,23 @@ def _init_weights(model: nn.Module, generator: torch.Generator) -> None:
                 module.reset_parameters(generator)
 
 
-def _make(moe_cls: type[nn.Module], *, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K,
-          seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def _make(moe_cls: type[nn.Module], *, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K, seed: int = 0,
+          hidden: int = HIDDEN, intermediate: int = INTERMEDIATE,
+          num_layers: int = NUM_LAYERS) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    for key, value in (("num_experts", num_experts), ("top_k", top_k), ("hidden", hidden),
+                       ("intermediate", intermediate), ("num_layers", num_layers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
     generator = torch.Generator().manual_seed(seed)
     # nn.Linear's constructor draws a default init from the global RNG; fork it so building a
     # model leaves callers' random streams alone (every value is overwritten from `generator`).
     with torch.random.fork_rng(devices=[]):
-        model = MoEStack(moe_cls, num_experts=num_experts, top_k=top_k)
+        model = MoEStack(moe_cls, hidden=hidden, intermediate=intermediate, num_experts=num_experts, top_k=top_k,
+                         num_layers=num_layers)
     _init_weights(model, generator)
-    x_BSH = torch.randn(BATCH, SEQ, HIDDEN, generator=generator)
+    x_BSH = torch.randn(BATCH, SEQ, hidden, generator=generator)
     return model.eval(), (x_BSH,)
 
 
@@ -264,6 +272,7 @@ BUILTIN_MODELS: dict[str, Callable[..., tuple[nn.Module, tuple[torch.Tensor, ...
     "shared-expert": functools.partial(_make, SharedExpertMoE),
 }
 DEFAULT_BUILTIN = "moe-mlp"
+OVERRIDES = ("num_experts", "top_k", "seed", "hidden", "intermediate", "num_layers")
 
 _MOE_CLASSES = (LoopMoE, StackedBmmMoE, SortSplitMoE)  # SharedExpertMoE is a LoopMoE
 

@@ -7,7 +7,9 @@ else escapes for a malformed spec.
 
 SPEC forms:
 
-- ``builtin:NAME``: a model from ``moec.models.builtin.BUILTIN_MODELS``.
+- ``builtin:NAME[:key=value,...]``: a model from ``moec.models.builtin.BUILTIN_MODELS``; the keys
+  are the factory's size overrides (``moec.models.builtin.OVERRIDES``: ``hidden``,
+  ``intermediate``, ``num_experts``, ``top_k``, ``num_layers``, ``seed``).
 - ``hf:ARCH[:key=value,...]``: a small random transformers model from ``moec.models.hf``; values
   are read as int, float, bool (``true``/``false``) or else str; the key ``experts`` picks the
   transformers experts implementation (``eager``, ``grouped_mm`` or ``batched_mm``) and every
@@ -32,7 +34,7 @@ from torch import nn
 
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 EXAMPLE_TOKENS = 16
-FORMS = "builtin:NAME, hf:ARCH[:key=value,...] or path/to/file.py:factory"
+FORMS = "builtin:NAME[:key=value,...], hf:ARCH[:key=value,...] or path/to/file.py:factory"
 
 
 class SpecError(Exception):
@@ -58,16 +60,23 @@ def load_spec(spec: str) -> tuple[nn.Module, tuple, str]:
     raise SpecError(f"unknown model spec '{spec}': give {FORMS}")
 
 
-def _load_builtin(name: str) -> tuple[nn.Module, tuple, str]:
-    from moec.models.builtin import BUILTIN_MODELS
+def _load_builtin(rest: str) -> tuple[nn.Module, tuple, str]:
+    from moec.models.builtin import BUILTIN_MODELS, OVERRIDES
 
+    name, _, options = rest.partition(":")
     known = ", ".join(sorted(BUILTIN_MODELS))
     if name not in BUILTIN_MODELS:
         raise SpecError(f"unknown builtin model '{name}': known builtin models are {known}")
-    model, args = _split_result(_call_factory(BUILTIN_MODELS[name], f"builtin:{name}"), f"builtin:{name}")
-    if args is None:
-        args = _make_example(model, f"builtin:{name}")
-    return _finish(model, f"builtin:{name}"), args, _safe_name(name)
+    overrides = parse_overrides(options)
+    unknown = [k for k in overrides if k not in OVERRIDES]
+    if unknown:
+        raise SpecError(f"builtin:{rest}: unknown key {unknown[0]}: builtin models take {', '.join(OVERRIDES)}")
+    try:
+        model, args = BUILTIN_MODELS[name](**overrides)
+    except ValueError as e:
+        raise SpecError(f"builtin:{rest}: {_one_line(e, with_type=False)}") from None
+    suffix = "".join(f"-{k}{v}" for k, v in overrides.items())
+    return _finish(model, f"builtin:{rest}"), args, _safe_name(name + suffix)
 
 
 def _load_hf(rest: str) -> tuple[nn.Module, tuple, str]:

@@ -44,6 +44,31 @@ def test_unknown_builtin_lists_known_ones():
         assert name in message
 
 
+def test_builtin_with_size_overrides():
+    from moec.models.builtin import BUILTIN_MODELS
+
+    model, (x,), name = load_spec("builtin:stacked-bmm:hidden=32,intermediate=48,num_layers=3,num_experts=4,top_k=3")
+    assert x.shape == (2, 8, 32) and len(model.layers) == 3 and name.startswith("stacked-bmm-hidden32")
+    moe = model.layers[0].moe
+    assert moe.w_in_EHI.shape == (4, 32, 48) and moe.top_k == 3
+    same, (y,) = BUILTIN_MODELS["stacked-bmm"](hidden=32, intermediate=48, num_layers=3, num_experts=4, top_k=3)
+    assert torch.equal(x, y) and all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+    with torch.no_grad():
+        assert model(x).shape == x.shape
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("builtin:moe-mlp:width=3", ["width", "hidden", "num_layers"]),
+    ("builtin:moe-mlp:hidden=0", ["hidden", "positive"]),
+    ("builtin:moe-mlp:hidden=big", ["hidden", "positive"]),
+    ("builtin:moe-mlp:top_k=9", ["top_k", "num_experts"]),
+    ("builtin:moe-mlp:hidden", ["key=value"]),
+])
+def test_bad_builtin_overrides(spec, words):
+    message = spec_error(spec)
+    assert all(w in message for w in words), message
+
+
 # --- hf: -------------------------------------------------------------------------------------
 
 def test_hf_mixtral_with_overrides():
