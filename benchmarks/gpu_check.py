@@ -45,7 +45,7 @@ def steps(out: str, dry: bool) -> list[tuple[str, list[str], int]]:
     layer = [PY, "benchmarks/moe_layer.py", "--backends"]
     if dry:
         return [
-            ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+            ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider",
                            "tests/codegen/test_triton_kernels.py"], 120),
             ("layers", layer + ["hf-eager,hf-grouped_mm,moec", "--device", "cpu", "--dtype", "float32",
                                 "--target", "triton", "--shapes", "tiny-mixtral", "tiny-deepseek", "tiny-qwen",
@@ -61,7 +61,7 @@ def steps(out: str, dry: bool) -> list[tuple[str, list[str], int]]:
     return [
         ("install", [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."],
          45),
-        ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], 45),
+        ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider"], 45),
         ("layers", layer + ["hf-eager,hf-grouped_mm,inductor,moec", "--device", "cuda", "--dtype", "bfloat16",
                             "--shapes", "mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "--tokens", "128", "2048",
                             "8192", "--repeat", "10", "--warmup", "2", "--out", os.path.join(out, "layers.json")], 200),

@@ -15,6 +15,7 @@ exactly one graph and an empty ``graph_break``.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Callable
 
 import pytest
@@ -28,6 +29,12 @@ try:  # the zoo's configs are deliberately tiny; keep transformers' warnings abo
     transformers.logging.set_verbosity_error()
 except ImportError:  # pragma: no cover - transformers is a test dependency
     pass
+
+
+# Under pytest-xdist (the default run: ``-n 2`` in pyproject.toml) each worker takes its share of
+# the cores, so that two workers' intra-op threads do not oversubscribe the machine.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(autouse=True)

@@ -182,7 +182,8 @@ def test_inspect_hf_mixtral_json():
 
 def test_bench_writes_json(tmp_path, capsys):
     out_file = tmp_path / "bench.json"
-    rc = main(["bench", "--tokens", "4", "--repeat", "2", "--warmup", "0", "--out", str(out_file), "--quiet"])
+    rc = main(["bench", "builtin:moe-mlp", "--tokens", "4", "--repeat", "2", "--warmup", "0", "--out", str(out_file),
+               "--quiet"])
     stdout = capsys.readouterr().out
     assert rc == 0
     assert str(out_file) in stdout and "x best baseline" in stdout
