@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - transformers is a test dependency
     pass
 
 
-# Under pytest-xdist (the default run: ``-n 2`` in pyproject.toml) each worker takes its share of
+# Under pytest-xdist (the default run: ``-n auto --maxprocesses=4`` in pyproject.toml) each worker takes its share of
 # the cores, so that two workers' intra-op threads do not oversubscribe the machine.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
