@@ -42,6 +42,7 @@ import moec.capture  # noqa: F401  (installs the capture hook)
 from moec.ir.verify import verify
 from moec.passes.pipeline import PASS_NAMES, run_pipeline
 from moec.passes.schedule_overlap import PostGradSchedule, is_issue, schedule_overlap
+from moec.capture.pack import packs_read_by, synced
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
@@ -182,8 +183,9 @@ def moec_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Option
                                replica_balance=options["ep_replica_balance"])
     gm.meta["moec_passes"] = records
     in_flight = any(is_issue(n) for n in gm.graph.nodes)
-    compiled = lower(gm, example_inputs, options["inner"], schedule="schedule_overlap" not in options["disable"],
-                     in_flight=in_flight)
+    packs = packs_read_by(gm, example_inputs)
+    compiled = synced(lower(gm, example_inputs, options["inner"], schedule="schedule_overlap" not in options["disable"],
+                            in_flight=in_flight), packs)
     if options["ep_group"] is None or not in_flight:
         return compiled
     return _with_collective_errors(compiled, options["ep_group"])

@@ -285,6 +285,7 @@ def _install_experts(experts: nn.Module, spec: ExpertsSpec, skip: bool, hidden: 
     experts.forward = forward
     experts._moec_original_forward = original
     experts.__dict__["_moec_experts_spec"] = spec
+    _pack(spec)
 
 
 def _accept(layer: _Layer, plan: BlockPlan, calls: list[Call]) -> None:
@@ -355,6 +356,14 @@ def _install(module: nn.Module, plan: BlockPlan, verified: dict) -> None:
 
     module.forward = forward
     module._moec_original_forward = original
+    _pack(module.__dict__["_moec_experts_spec"])
+
+
+def _pack(spec: ExpertsSpec) -> None:
+    """Module-list experts: their parameters move into moec's stacked layout once, so that graphs
+    run without gradients read them as they are (``moec.capture.pack``)."""
+    if spec.ffn.packer is not None:
+        spec.ffn.packer()
 
 
 def _record(cand: Candidate, plan: BlockPlan) -> MoELayer:

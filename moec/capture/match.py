@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moec.capture.candidates import Candidate, expert_tensors, owner_of
+from moec.capture.pack import Holder
 from moec.ir import ops
 
 
@@ -467,6 +468,9 @@ def stacker(cand: Candidate) -> tuple[list[tuple[int, ...]], Callable[[int], Ten
             return torch.stack([m.get_parameter(names[i]) for m in modules])
 
         stacked.__dict__["sources"] = tuple(modules)
+        stacked.__dict__["names"] = tuple(names)
+        stacked.__dict__["owner"] = owner
+        stacked.__dict__["holder"] = owner.__dict__.setdefault("_moec_pack_holder", Holder())
         stacked.__dict__["one"] = lambda i, e: modules[e].get_parameter(names[i]).unsqueeze(0)
         return shapes, stacked
     params = [owner.get_parameter(n) for n in g.names]

@@ -85,19 +85,16 @@ class BlockPlan:
 
     def experts_spec(self, module: nn.Module) -> ExpertsSpec:
         from moec.capture.match import stacker
+        from moec.capture.pack import packed_fetch, packer
         from moec.capture.candidates import Candidate
 
         cand = Candidate("", module, self.experts, self.router, self.router_transposed, self.hidden)
         _, stacked = stacker(cand)
         form = self.ffn
-
-        def fetch():
-            return form.build(stacked)
-
         act, transposed, interleaved, alpha, limit = form.attrs
         ffn = FFNSpec(act, transposed, interleaved, self.hidden, form.inter, alpha, limit,
-                      bool(form.b_in or form.b_out is not None), fetch,
-                      sources=stacked.__dict__.get("sources", ()))
+                      bool(form.b_in or form.b_out is not None), packed_fetch(form, stacked),
+                      sources=stacked.__dict__.get("sources", ()), packer=packer(form, stacked))
         return ExpertsSpec(ffn, self.experts.num_experts, input_scaled=self.input_scaled)
 
     def forward(self, module: nn.Module, dtype_of: Callable[[Tensor], torch.dtype]) -> Callable:

@@ -35,6 +35,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from moec.capture import match as m
+from moec.capture.pack import packed_fetch, packer
 from moec.ir import ops
 from moec.capture.candidates import Candidate, expert_tensors, owner_of
 from moec.capture.match import Miss
@@ -764,8 +765,8 @@ def recognise_experts_module(cand: Candidate, top_k: int):
     for form in forms:
         act, transposed, interleaved, alpha, limit = form.attrs
         ffn = FFNSpec(act, transposed, interleaved, H, form.inter, alpha, limit,
-                      bool(form.b_in or form.b_out is not None), (lambda f=form: f.build(stacked)),
-                      sources=stacked.__dict__.get("sources", ()))
+                      bool(form.b_in or form.b_out is not None), packed_fetch(form, stacked),
+                      sources=stacked.__dict__.get("sources", ()), packer=packer(form, stacked))
         candidate = ExpertsSpec(ffn, E)
         if all(close(_as_out(call_module(candidate, call), out), out) for call, out in probes):
             spec = candidate

@@ -65,8 +65,11 @@ class FFNSpec:
     fetch: Callable[[], tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]] = dataclasses.field(
         repr=False, default=None
     )
-    # The per-expert modules ``fetch`` stacks on each call (experts held as a module list), else ().
+    # The per-expert modules ``fetch`` stacks (experts held as a module list), else ().
     sources: tuple = dataclasses.field(repr=False, default=())
+    # Module-list experts: () -> the ``moec.capture.pack.Pack`` that lets ``fetch`` read them
+    # stacked without copying (made when the layer is installed), or None where they cannot be.
+    packer: Optional[Callable[[], object]] = dataclasses.field(repr=False, default=None)
 
     def attrs(self) -> tuple:
         return (self.activation, self.transposed, self.interleaved, self.alpha, self.limit)

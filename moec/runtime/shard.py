@@ -165,7 +165,10 @@ def _shard_module_list(model, name, spec, fetched, experts, E) -> None:
     sources = spec.ffn.sources
     shards = ExpertShards(fetched, experts, E, sources, spec.ffn.fetch)
     model.get_submodule(shards_holder(model, name)).add_module(SHARDS, shards)
-    spec.ffn = dataclasses.replace(spec.ffn, fetch=shards.fetch, sources=())
+    pack = spec.ffn.packer() if spec.ffn.packer is not None else None
+    if pack is not None:
+        pack.release()  # the shards hold this rank's experts now; the parameters are emptied below
+    spec.ffn = dataclasses.replace(spec.ffn, fetch=shards.fetch, sources=(), packer=None)
     with torch.no_grad():
         for expert in sources:
             for p in expert.parameters():
