@@ -16,8 +16,9 @@ accessors below: ``OptimizedModule._initialize`` and ``external_utils.wrap_inlin
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -47,7 +48,7 @@ __all__ = ["TESTED", "COMPILE_FRAME", "COMPILE_LOCALS", "counters", "OpOverload"
            "supported", "missing", "dynamo_optimize", "uncaptured_hop_error", "callback_handler", "optimized_module",
            "lookup_backend", "tracing_context", "inductor_compile_fx", "inductor_config", "functorch_config",
            "custom_graph_pass", "fake_tensor", "functional_tensor", "effect_type", "dispatch_mode",
-           "extension_build_dir", "clamp_grad_at_bounds"]
+           "extension_build_dir", "clamp_grad_at_bounds", "members_only_group_naming"]
 
 # The frame whose locals ``moec.capture.hook`` reads: (module name, function name).
 COMPILE_FRAME = ("torch._dynamo.convert_frame", "_compile")
@@ -166,6 +167,54 @@ def _probe_clamp() -> bool:
 _CLAMP_AT_BOUNDS = _probe_clamp()
 
 
+# Salts of members-only group names (see below): far from any count of groups a job makes.
+_MEMBERS_ONLY_SALT = 1 << 40
+
+
+def _c10d_world():
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._world
+
+
+def _hashed_name_counts() -> bool:
+    """Whether naming a members-only group (``new_group(use_local_synchronization=True)``) advances
+    torch.distributed's group counter, as torch 2.14 does."""
+    from torch.distributed import distributed_c10d
+
+    world = _c10d_world()
+    saved = world.group_count
+    try:
+        distributed_c10d._process_group_name([0], use_hashed_name=True)
+        return world.group_count != saved
+    finally:
+        world.group_count = saved
+
+
+@contextlib.contextmanager
+def members_only_group_naming(salt: int) -> Iterator[None]:
+    """Around a ``new_group(..., use_local_synchronization=True)`` that only the group's members
+    call: leaves torch.distributed's group counter as the other ranks see it.
+
+    torch 2.14 advances that counter (the source of later groups' names) on each rank that names
+    a group, and salts a members-only group's name with it: after a members-only group its members
+    would name every later group differently from the ranks that did not call, and the next group
+    made by all ranks waits for peers that never come (gloo: "Wait timeout"). Here the name is
+    salted with ``salt`` (which the members pass alike: their count of such groups over these
+    ranks) and the counter is put back. Torch releases whose naming leaves the counter alone
+    (2.13 and older) are not touched."""
+    if not _hashed_name_counts():
+        yield
+        return
+    world = _c10d_world()
+    saved = world.group_count
+    world.group_count = _MEMBERS_ONLY_SALT + salt
+    try:
+        yield
+    finally:
+        world.group_count = saved
+
+
 def missing() -> list[str]:
     """The internals above that this torch lacks, each as a readable name; [] when all are there."""
     found = []
@@ -188,6 +237,8 @@ def missing() -> list[str]:
         ("torch._library.effects.EffectType.ORDERED", lambda: effect_type().ORDERED),
         ("torch.utils._python_dispatch.TorchDispatchMode", dispatch_mode),
         ("torch.utils.cpp_extension._get_build_directory", lambda: extension_build_dir("moec_probe")),
+        ("torch.distributed.distributed_c10d._world.group_count", lambda: _c10d_world().group_count),
+        ("torch.distributed.distributed_c10d._process_group_name", _hashed_name_counts),
     ]
     for name, get in checks:
         try:

@@ -74,3 +74,13 @@ def test_no_private_torch_api_outside_moec_torch():
             if _PRIVATE.search(code):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {code[:80]}")
     assert not offenders, "private torch API outside moec/_torch.py:\n" + "\n".join(offenders)
+
+
+def test_members_only_group_naming_leaves_torchs_group_counter_as_it_was():
+    from torch.distributed import distributed_c10d
+
+    world = distributed_c10d._world
+    before = world.group_count
+    with _torch.members_only_group_naming(3):
+        distributed_c10d._process_group_name([0, 1], use_hashed_name=True)
+    assert world.group_count == before

@@ -50,6 +50,8 @@ from typing import Iterator, Optional
 
 import torch.distributed as dist
 
+from moec import _torch
+
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "TIMEOUT_ENV",
@@ -207,7 +209,8 @@ def ep_group(group: Optional[dist.ProcessGroup] = None, timeout_s: Optional[floa
     key = (world, tuple(ranks), timeout_s)
     if key not in _GROUPS:
         whole = len(ranks) == world_size
-        with collective_errors(f"creating the expert-parallel process group over ranks {ranks}", timeout_s):
+        naming = contextlib.nullcontext() if whole else _torch.members_only_group_naming(_count_members_only(ranks))
+        with collective_errors(f"creating the expert-parallel process group over ranks {ranks}", timeout_s), naming:
             _GROUPS[key] = dist.new_group(
                 ranks,
                 timeout=datetime.timedelta(seconds=timeout_s),
@@ -218,6 +221,18 @@ def ep_group(group: Optional[dist.ProcessGroup] = None, timeout_s: Optional[floa
                 group_desc="moec_ep",
             )
     return _GROUPS[key]
+
+
+_MEMBERS_ONLY: dict[tuple, int] = {}
+
+
+def _count_members_only(ranks: list[int]) -> int:
+    """How many members-only groups over ``ranks`` this rank made before (the same on each member,
+    which create them in the same order): salts the new group's name (``_torch.members_only_group_naming``)."""
+    key = (dist.group.WORLD, tuple(sorted(ranks)))
+    n = _MEMBERS_ONLY.get(key, 0)
+    _MEMBERS_ONLY[key] = n + 1
+    return n
 
 
 def group_timeout_s(group: Optional[dist.ProcessGroup]) -> Optional[float]:
