@@ -48,7 +48,12 @@ from moec.runtime.cost_model import cpu_model
 
 BACKENDS = ("eager", "inductor", "moec")
 BASELINES = ("eager", "inductor")
-DEFAULT_TOKENS = (128,)
+# `moec bench` with no model: the default builtin at Mixtral-8x7B's proportions (hidden : expert
+# hidden = 4096 : 14336, 8 experts, top-2) at 1/8 of its width, at decode (1, 16) and prefill
+# (256, 1024) token counts: large enough that the experts' weights, not per-call overhead, set
+# the time, small enough to run in under a minute on a 2-core CPU.
+DEFAULT_SPEC = "builtin:moe-mlp:hidden=512,intermediate=1792"
+DEFAULT_TOKENS = (1, 16, 256, 1024)
 DEFAULT_REPEAT = 10
 DEFAULT_WARMUP = 3
 REL_TOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 2e-2, torch.float16: 5e-3}

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "under moec.compile, each warmed up, and check moec's output against eager. "
                                    "Prints a table and writes the numbers and the machine to a JSON file. "
                                    "Exits 1 if moec's output differs from eager.")
-    b.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP % default)
+    b.add_argument("spec", nargs="?", metavar="SPEC", help=f"the model: {FORMS} (default: {bench.DEFAULT_SPEC}, "
+                                                           "the default builtin at Mixtral-8x7B's proportions, 1/8 width)")
     b.add_argument("--tokens", type=int, nargs="+", default=list(bench.DEFAULT_TOKENS), metavar="N",
                    help="token counts (sequence lengths at batch 1) to time (default: %(default)s)")
     b.add_argument("--repeat", type=int, default=bench.DEFAULT_REPEAT, metavar="R",
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or argparse's own usage error (already printed)
         return e.code if isinstance(e.code, int) else 2
     if getattr(opts, "spec", "") is None:
-        opts.spec = f"builtin:{_default_builtin()}"
+        opts.spec = bench.DEFAULT_SPEC if opts.command == "bench" else f"builtin:{_default_builtin()}"
     try:
         if opts.command == "inspect":
             return inspect_main(opts)

@@ -197,6 +197,23 @@ def test_bench_writes_json(tmp_path, capsys):
     assert moec_row["ok"] and moec_row["compile_s"] >= 0 and moec_row["rel_err"] <= 1e-4
 
 
+def test_bench_defaults_to_a_mixtral_proportioned_model_at_decode_and_prefill_tokens(monkeypatch):
+    from moec.cli import bench
+    from moec.models.spec import load_spec
+
+    seen = {}
+    monkeypatch.setattr(bench, "bench_main", lambda opts: seen.update(vars(opts)) or 0)
+    assert main(["bench"]) == 0
+    assert seen["spec"] == bench.DEFAULT_SPEC and seen["tokens"] == [1, 16, 256, 1024]
+    model, _, _ = load_spec(seen["spec"])
+    w1 = model.get_submodule("layers.0.moe.experts.0.w1").weight
+    assert tuple(w1.shape) == (1792, 512)  # 4096 : 14336 at 1/8 width
+    import moec.cli.main as cli_main
+
+    monkeypatch.setattr(cli_main, "inspect_main", lambda opts: seen.update(inspected=opts.spec) or 0)
+    assert main(["inspect"]) == 0 and seen["inspected"] == "builtin:moe-mlp"  # inspect keeps the small model
+
+
 # --- codegen ---------------------------------------------------------------------------------
 
 def test_codegen_prints_the_layer_kernels_from_the_ir(capsys):
