@@ -21,8 +21,8 @@ How it is fast (CPU, float32/bfloat16):
   dropped rows past ``sum(counts)`` are never computed, only zeroed;
 - the input rows are gathered once with ``index_select`` (sorted dispatch), each expert's rows are
   one contiguous slice;
-- the per-expert GEMMs go through oneDNN (``mkldnn::_linear_pointwise``) when it can take the
-  operands (2-5 rows take BLAS's ``W @ x^T`` instead, see ``_SKINNY_ROWS``). On this project's AMD machines the default fp32 BLAS (MKL) runs a skinny GEMM on one
+- the per-expert GEMMs go through oneDNN (``mkldnn::_linear_pointwise``) for wide outputs (see
+  ``_ONEDNN_MIN_OUT``; ``torch.mm`` for the rest) when it can take the operands (2-5 rows take BLAS's ``W @ x^T`` instead, see ``_SKINNY_ROWS``). On this project's AMD machines the default fp32 BLAS (MKL) runs a skinny GEMM on one
   thread at a third of DRAM speed and a large one at half of the cores' peak; oneDNN's JIT kernels
   stream the weights at memory speed for a few tokens and reach peak for many. Other dtypes
   (float64) and layouts fall back to ``torch.mm``/``addmm``;
@@ -57,9 +57,16 @@ _ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if torch.ops.mkldnn._is_m
 #   MKL    W x^T    15   43    22   12   8
 # so 2-5 rows take the MKL form and the rest oneDNN.
 _SKINNY_ROWS = (2, 5)
-# oneDNN's linear costs ~12 us per call before any work (measured: [256, 64] weight, 1 row: 13 us
-# against torch.mm's 3 us); below about 2^19 multiply-adds torch.mm is faster (tiny experts).
-_ONEDNN_MIN_MACS = 1 << 19
+# oneDNN's linear costs tens of microseconds per call before any work, and past that beats
+# torch.mm only on wide outputs. Measured on the project's idle 2-core EPYC (fp32, us, oneDNN / mm):
+#   rows   [in 64 -> out 256]   [128 -> 64]   [512 -> 3584]   [1792 -> 512]   [256 -> 1024]
+#   16        64 / 23            57 / 16        771 / 996       426 / 453       148 / 133
+#   256      122 / 79           100 / 46       7153 / 7378     3826 / 3339      999 / 1005
+#   1024     276 / 266          186 / 146     25806 / 29770   14621 / 12479    3928 / 3933
+# so oneDNN takes products with an output at least ``_ONEDNN_MIN_OUT`` wide and an input at least
+# ``_ONEDNN_MIN_IN`` wide, and torch.mm the rest.
+_ONEDNN_MIN_OUT = 2048
+_ONEDNN_MIN_IN = 256
 # Up to this many output elements the epilogue (activation, routing weight, scatter) runs once over
 # all experts' rows: per-expert calls cost more than the extra [rows, width] buffer (256 KiB fp32).
 _BATCH_EPILOGUE_ELEMS = 1 << 16
@@ -95,7 +102,7 @@ def _linear(x_MD: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool) -> T
         # result is returned as a transposed view, which the callers' in-place ops accept.
         h_OM = torch.mm(w_OD, x_MD.t()) if b is None else torch.addmm(b[:, None], w_OD, x_MD.t())
         return h_OM.t()
-    if (use_onednn and x_MD.shape[0] * w_OD.numel() >= _ONEDNN_MIN_MACS
+    if (use_onednn and w_OD.shape[0] >= _ONEDNN_MIN_OUT and w_OD.shape[1] >= _ONEDNN_MIN_IN
             and x_MD.dtype in _ONEDNN_DTYPES and w_OD.dtype == x_MD.dtype and w_OD.is_contiguous()
             and x_MD.is_contiguous() and (b is None or b.dtype == x_MD.dtype)):
         return torch.ops.mkldnn._linear_pointwise(x_MD, w_OD, b, "none", [], "")
@@ -156,8 +163,10 @@ def _act_into(h_MF: Tensor, out_MI: Tensor, activation: str, interleaved: bool, 
     _check(activation in GATED_ACTIVATIONS, f"unknown activation {activation!r}")
     gate_MI, up_MI = _halves(h_MF, interleaved)
     if activation == "swiglu":
-        torch.ops.aten.silu_(gate_MI)
-        torch.mul(gate_MI, up_MI, out=out_MI)
+        # Into the contiguous output, then scaled there: faster than SiLU in place on the strided
+        # half, and bitwise the same values.
+        torch.ops.aten.silu.out(gate_MI, out=out_MI)
+        out_MI.mul_(up_MI)
     elif activation == "reglu":
         gate_MI.clamp_min_(0)
         torch.mul(gate_MI, up_MI, out=out_MI)
@@ -182,8 +191,8 @@ def _act_into(h_MF: Tensor, out_MI: Tensor, activation: str, interleaved: bool, 
         up_MI.div_(limit).tanh_().mul_(limit)
         torch.mul(gate_MI, up_MI, out=out_MI)
     else:
-        torch.ops.aten.gelu_(gate_MI, approximate="tanh" if activation == "geglu_tanh" else "none")
-        torch.mul(gate_MI, up_MI, out=out_MI)
+        torch.ops.aten.gelu.out(gate_MI, approximate="tanh" if activation == "geglu_tanh" else "none", out=out_MI)
+        out_MI.mul_(up_MI)
 
 
 def _act_grad(grad_MI: Tensor, h_MF: Tensor, activation: str, interleaved: bool, alpha: float, limit: float) -> Tensor:
@@ -291,8 +300,7 @@ def _empty_grad(ref: Tensor, t: Optional[Tensor], zero: bool = True) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moec_cpu::gate", mutates_args=())
-def gate(
+def _gate_impl(
     x: Tensor,
     router_weight: Optional[Tensor],
     router_bias: Optional[Tensor],
@@ -326,6 +334,9 @@ def gate(
     weights_TK, idx_TK, counts_E = gate_reference(x, router_weight, router_bias, correction_bias, kind, top_k,
                                                   num_groups, topk_groups, renormalize, scaling)
     return weights_TK.contiguous(), idx_TK.contiguous(), counts_E
+
+
+gate = torch.library.custom_op("moec_cpu::gate", mutates_args=())(_gate_impl)
 
 
 @torch.library.custom_op("moec_cpu::gate_backward", mutates_args=())
@@ -403,11 +414,13 @@ def _route_grad(d_out_TK: Tensor, logits_TE: Tensor, correction_bias: Optional[T
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moec_cpu::permute", mutates_args=())
-def permute(idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+def _permute_impl(idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """Slots grouped by expert, stable in slot order: (token_N, slot_N). One stable sort of the
     N expert ids (the reference's; it is already the fast form on CPU)."""
     return permute_reference(idx, counts)
+
+
+permute = torch.library.custom_op("moec_cpu::permute", mutates_args=())(_permute_impl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,8 +489,7 @@ def activation_backward(grad_out: Tensor, h: Tensor, activation: str, interleave
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moec_cpu::grouped_gemm_act", mutates_args=())
-def grouped_gemm_act(
+def _grouped_gemm_act_impl(
     x: Tensor,
     token_idx: Optional[Tensor],
     counts: Tensor,
@@ -512,6 +524,9 @@ def grouped_gemm_act(
         h_MF = _linear(x_ND[start:end], w_in[e], None if b_in is None else b_in[e], transposed)
         _act_into(h_MF, a_NI[start:end], activation, interleaved, alpha, limit)
     return a_NI
+
+
+grouped_gemm_act = torch.library.custom_op("moec_cpu::grouped_gemm_act", mutates_args=())(_grouped_gemm_act_impl)
 
 
 @torch.library.custom_op("moec_cpu::grouped_gemm_act_backward_input", mutates_args=())
@@ -558,8 +573,7 @@ def grouped_gemm_act_backward_weight(
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("moec_cpu::grouped_gemm_combine", mutates_args=())
-def grouped_gemm_combine(
+def _grouped_gemm_combine_impl(
     a: Tensor,
     slot_idx: Tensor,
     counts: Tensor,
@@ -593,6 +607,9 @@ def grouped_gemm_combine(
         y_MH.mul_(weight_M[start:end, None])
         out_TH.index_add_(0, token_M[start:end], y_MH)
     return out_TH
+
+
+grouped_gemm_combine = torch.library.custom_op("moec_cpu::grouped_gemm_combine", mutates_args=())(_grouped_gemm_combine_impl)
 
 
 @torch.library.custom_op("moec_cpu::grouped_gemm_combine_backward_input", mutates_args=())
@@ -638,6 +655,53 @@ def grouped_gemm_combine_backward_weight(
 ) -> tuple[Tensor, Tensor]:
     """Gradients for (w_out, b_out); an empty tensor for an absent bias."""
     return _grouped_weight_grads(d_y, a, None, counts, w_out, b_out, transposed)
+
+
+# ----------------------------------------------------------------------------------------------
+# One whole layer, without gradients
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moec_cpu::moe_inference", mutates_args=())
+def moe_inference(
+    x: Tensor,
+    router_weight: Optional[Tensor],
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+    x_ffn: Tensor,
+    w_in: Tensor,
+    b_in: Optional[Tensor],
+    w_out: Tensor,
+    b_out: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """``gate -> permute -> grouped_gemm_act -> grouped_gemm_combine`` as one op: [T, H]. The same
+    four bodies in the same order, so the result is bitwise theirs; one dispatch instead of four
+    (at a few tokens a custom op's dispatch costs more than its arithmetic). No autograd: the
+    ``fuse_inference`` pass uses it only in graphs that compute no gradients."""
+    weights_TK, idx_TK, counts_E = _gate_impl(x, router_weight, router_bias, correction_bias, kind, top_k,
+                                              num_groups, topk_groups, renormalize, scaling)
+    token_N, slot_N = _permute_impl(idx_TK, counts_E)
+    a_NI = _grouped_gemm_act_impl(x_ffn, token_N, counts_E, w_in, b_in, activation, transposed, interleaved,
+                                  alpha, limit)
+    return _grouped_gemm_combine_impl(a_NI, slot_N, counts_E, w_out, b_out, weights_TK, transposed)
+
+
+@moe_inference.register_fake
+def _moe_inference_fake(x, router_weight, router_bias, correction_bias, kind, top_k, num_groups, topk_groups,
+                        renormalize, scaling, x_ffn, w_in, b_in, w_out, b_out, activation, transposed, interleaved,
+                        alpha, limit):
+    return x_ffn.new_empty(x.reshape(-1, x.shape[-1]).shape[0], out_width(w_out, transposed))
 
 
 CPU_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")
