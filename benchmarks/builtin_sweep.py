@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 
 from moec.cli.bench import BenchSettings, format_table, run_bench
@@ -73,6 +75,19 @@ def overhead(layers: tuple[int, ...], repeat: int, log) -> dict:
     return {"layers": list(layers), "tokens": 1, "fit": fit, "runs": docs}
 
 
+def _source() -> dict:
+    """The commit the numbers were measured at, and whether the checkout had changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--", "moec"))}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
@@ -105,8 +120,8 @@ def main(argv=None) -> int:
                "mismatches": [{"model": n, "tokens": t} for _, n, t, _ in wrong]}
     if opts.out:
         with open(opts.out, "w") as f:
-            json.dump({"benchmark": "builtin_sweep", "summary": summary, "models": models, "overhead": over}, f,
-                      indent=1, allow_nan=False)
+            json.dump({"benchmark": "builtin_sweep", "source": _source(), "summary": summary, "models": models,
+                       "overhead": over}, f, indent=1, allow_nan=False)
             f.write("\n")
         print(f"wrote {opts.out}")
     for s, n, t, _ in below:

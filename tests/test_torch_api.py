@@ -27,6 +27,15 @@ def test_this_torch_is_in_the_tested_range():
     assert _torch.supported(), f"torch {torch.__version__} is outside moec's tested range {low}..{high}"
 
 
+def test_pyproject_allows_exactly_the_tested_torch_releases():
+    import tomllib
+
+    with open(PACKAGE.parent / "pyproject.toml", "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    (low, high) = _torch.TESTED
+    assert f"torch>={low[0]}.{low[1]},<{high[0]}.{high[1] + 1}" in deps, deps
+
+
 def test_the_capture_hook_finds_the_compile_frame():
     """The hook reads the frame being compiled from convert_frame._compile's locals: compiling a
     function with a backend whose start callback looks for that frame must find it."""

@@ -47,6 +47,7 @@ from moec.codegen import cpu_native
 from moec.ir.lowered import (BACKWARD_OPS, FAKES, LOWERED_OPS, act_width, gate_kind, gate_reference, out_rows,
                               out_width, permute_reference, register_autograd)
 from moec.ir.ops import (GATED_ACTIVATIONS, UNGATED_ACTIVATIONS, _apply_activation, _check, check_activation_attrs,
+                         route_weights,
                          route_choice)
 
 # oneDNN's bf16 linear needs AVX512-BF16/AMX; on other CPUs (AVX2 EPYCs) it refuses to build.
@@ -702,6 +703,54 @@ def _moe_inference_fake(x, router_weight, router_bias, correction_bias, kind, to
                         renormalize, scaling, x_ffn, w_in, b_in, w_out, b_out, activation, transposed, interleaved,
                         alpha, limit):
     return x_ffn.new_empty(x.reshape(-1, x.shape[-1]).shape[0], out_width(w_out, transposed))
+
+
+def slots_dense(
+    x: Tensor,
+    router_weight: Optional[Tensor],
+    router_bias: Optional[Tensor],
+    correction_bias: Optional[Tensor],
+    kind: str,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+    x_ffn: Tensor,
+    w_in: Tensor,
+    b_in: Optional[Tensor],
+    w_out: Tensor,
+    b_out: Optional[Tensor],
+    activation: str,
+    transposed: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """The same layer as ``moe_inference`` written as plain tensor ops for a handful of slots: each
+    (token, choice) slot gathers its expert's matrices and all slots run as one batched product
+    (``lower_small``). Not a custom op: the compiler traces it, so Inductor fuses the routing and
+    the epilogues into a few kernels; with tiny experts that beats any per-op dispatch. Autograd
+    works through it. Numerics: the references' ops, summed in another order (fp32 rounding)."""
+    gate_kind(kind)
+    logits_TE = x if router_weight is None else F.linear(x, router_weight, router_bias)
+    weights_TK, idx_TK = route_weights(logits_TE, correction_bias, kind, top_k, num_groups, topk_groups, renormalize,
+                                       scaling)  # the gate's routing, without its per-expert counts
+    T, K = weights_TK.shape
+    x_TD = x_ffn.reshape(T, -1)
+    idx_N = idx_TK.reshape(-1)
+    x_N1D = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
+    w_in_N = w_in[idx_N]
+    h_NF = torch.bmm(x_N1D, w_in_N if transposed else w_in_N.transpose(1, 2)).squeeze(1)
+    if b_in is not None:
+        h_NF = h_NF + b_in[idx_N]
+    a_NI = _apply_activation(h_NF, activation, interleaved, alpha, limit)
+    w_out_N = w_out[idx_N]
+    y_NH = torch.bmm(a_NI.unsqueeze(1), w_out_N if transposed else w_out_N.transpose(1, 2)).squeeze(1)
+    if b_out is not None:
+        y_NH = y_NH + b_out[idx_N]
+    contrib_TKH = (y_NH.reshape(T, K, -1) * weights_TK.unsqueeze(-1)).to(y_NH.dtype)
+    return contrib_TKH.sum(dim=1)
 
 
 CPU_OPS = ("gate", "permute", "grouped_gemm", "activation", "grouped_gemm_act", "grouped_gemm_combine")

@@ -668,6 +668,7 @@ _BLOCK_PATHS_BY_ARCH: dict[str, list[tuple[str, bool]]] = {
     "dbrx": [("ffn", True)],
     "doge": [("mlp", True)],
     "jetmoe": [("mlp", True)],
+    "jamba": [("feed_forward", True)],  # transformers 5.17's config has no plan; 5.23's names this path
 }
 # The decoder-layer list, where it is not `layers`.
 _LAYERS_ATTR: dict[str, str] = {"dbrx": "blocks"}

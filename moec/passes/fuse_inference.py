@@ -60,7 +60,7 @@ def _item(node, of: Node, index: int) -> bool:
             and node.args[0] is of and node.args[1] == index)
 
 
-def _chain(comb: Node) -> Optional[tuple[Node, Node, Node, list[Node]]]:
+def chain(comb: Node) -> Optional[tuple[Node, Node, Node, list[Node]]]:
     """(gate, permute, activation GEMM, getitem nodes) when ``comb`` ends a private chain."""
     if comb.kwargs or len(comb.args) != 7:
         return None
@@ -88,26 +88,33 @@ def _chain(comb: Node) -> Optional[tuple[Node, Node, Node, list[Node]]]:
     return gate, perm, act, [weights, idx, counts, token, slot]
 
 
+def replace_chain(graph: torch.fx.Graph, comb: Node, found: tuple, target, pass_name: str) -> Node:
+    """Replace the chain ``found`` (``chain(comb)``) with one call of ``target`` taking the gate's
+    arguments, then the activation GEMM's input, ``w_in``, ``b_in``, the combine's ``w_out``,
+    ``b_out`` and the activation attributes (``moe_inference``'s signature); erase the chain."""
+    gate, perm, act, items = found
+    x_ffn, _, _, w_in, b_in, activation, transposed, interleaved, alpha, limit = act.args
+    _, _, _, w_out, b_out, _, _ = comb.args
+    with graph.inserting_before(comb):
+        new = mark(graph.call_function(target, (*gate.args, x_ffn, w_in, b_in, w_out, b_out, activation, transposed,
+                                                interleaved, alpha, limit)), pass_name, comb)
+    new.meta.update({k: v for k, v in comb.meta.items() if k in ("val", "tensor_meta")})
+    comb.replace_all_uses_with(new)
+    for node in (comb, act, *[i for i in items if i.target is operator.getitem and i.args[0] is perm],
+                 perm, *[i for i in items if i.args[0] is gate], gate):
+        graph.erase_node(node)
+    return new
+
+
 def fuse_inference(gm: torch.fx.GraphModule, example_inputs=None) -> tuple[torch.fx.GraphModule, int]:
     if _needs_grad(example_inputs):
         return gm, 0
     graph, changed = gm.graph, 0
     for comb in [n for n in graph.nodes if _is(n, "grouped_gemm_combine")]:
-        found = _chain(comb)
+        found = chain(comb)
         if found is None:
             continue
-        gate, perm, act, items = found
-        x_ffn, _, _, w_in, b_in, activation, transposed, interleaved, alpha, limit = act.args
-        _, _, _, w_out, b_out, _, _ = comb.args
-        with graph.inserting_before(comb):
-            fused = mark(graph.call_function(torch.ops.moec_cpu.moe_inference.default,
-                                             (*gate.args, x_ffn, w_in, b_in, w_out, b_out, activation, transposed,
-                                              interleaved, alpha, limit)), NAME, comb)
-        fused.meta.update({k: v for k, v in comb.meta.items() if k in ("val", "tensor_meta")})
-        comb.replace_all_uses_with(fused)
-        for node in (comb, act, *[i for i in items if i.target is operator.getitem and i.args[0] is perm],
-                     perm, *[i for i in items if i.args[0] is gate], gate):
-            graph.erase_node(node)
+        replace_chain(graph, comb, found, torch.ops.moec_cpu.moe_inference.default, NAME)
         changed += 1
     if changed:
         graph.lint()

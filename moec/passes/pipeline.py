@@ -3,8 +3,8 @@
 Contract: ``run_pipeline(gm, example_inputs, target=..., disable=(), check=False)`` runs, in
 order, ``fuse_gating``, ``lower_grouped``, ``fuse_activation``, ``fuse_combine``,
 ``expert_parallel(group_name, chunks)`` (does nothing without a group), ``schedule_overlap`` (does
-nothing without collectives), ``select_impl(target)`` and ``fuse_inference`` (CPU graphs that
-compute no gradient) on a captured graph and returns the graph and one ``PassRecord`` per pass
+nothing without collectives), ``select_impl(target)``, ``lower_small`` (CPU layers with a few
+tiny expert products) and ``fuse_inference`` (CPU graphs that compute no gradient) on a captured graph and returns the graph and one ``PassRecord`` per pass
 (name, places changed, seconds, moec op counts before and after). A pass named in ``disable`` is
 skipped (recorded with ``skipped=True``). With ``check=True`` (tests, and ``MOEC_CHECK=1``) the
 verifier runs after every pass, including a fake-tensor re-propagation of the whole graph, so a
@@ -32,6 +32,7 @@ from moec.passes.fuse_gating import fuse_gating
 from moec.passes.fuse_inference import fuse_inference
 from moec.passes.expert_parallel import Chunks, expert_parallel
 from moec.passes.lower_grouped import lower_grouped
+from moec.passes.lower_small import lower_small
 from moec.passes.schedule_overlap import schedule_overlap
 from moec.passes.select_impl import select_impl
 
@@ -49,6 +50,7 @@ def passes(target: str, group_name: Optional[str] = None, chunks: Chunks = 1,
                                               replica_balance=replica_balance)),
         ("schedule_overlap", schedule_overlap),
         ("select_impl", functools.partial(select_impl, target=target)),
+        ("lower_small", lower_small),
         ("fuse_inference", fuse_inference),
     ]
 

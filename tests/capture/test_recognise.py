@@ -131,7 +131,9 @@ def test_identical_layers_share_one_recognition(monkeypatch):
     result = convert_model(model, ((x,), {}))
     assert [layer.name for layer in result.layers] == [f"layers.{i}" for i in range(6)]
     assert calls == ["layers.0"]  # the other five were bound to its plan and re-verified
-    compiled = torch.compile(model, backend="moec", options={"inner": "aot_eager"})
+    # Grouped ops, whose sums match the layer's per-expert loop: six unnormalised layers in a row
+    # turn lower_small's reordered sums into near-tie routing flips (its own tests cover it).
+    compiled = torch.compile(model, backend="moec", options={"inner": "aot_eager", "disable": ["lower_small"]})
     torch.testing.assert_close(compiled(x), model(x))
 
 

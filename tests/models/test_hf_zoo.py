@@ -32,7 +32,7 @@ def test_discovery_finds_the_known_moe_families():
     for name in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "jamba",
                  "dbrx", "llama4", "switch_transformers", "nllb_moe", "granitemoe", "qwen3_next"):
         assert found[name].buildable, found[name]
-    assert len(found) >= 70
+    assert len(found) >= 60  # transformers 5.17 (the oldest supported) has 64 MoE families, 5.23 70 and more
     # Dense families are not MoE archs.
     assert not {"llama", "mistral", "qwen2", "gpt2", "t5"} & set(found)
 
@@ -50,9 +50,12 @@ def test_every_excluded_arch_has_a_reason():
     excluded = {a.name: a.out_of_scope for a in zoo.moe_archs() if not a.buildable}
     assert all(isinstance(r, str) and r and "\n" not in r for r in excluded.values())
     assert "not a text model" in excluded["vitpose_backbone"]
-    # A composite that reuses another family's MoE decoder points at it.
-    assert "deepseek_v3" in excluded["kimi_k25"]
-    assert "nemotron_h" in excluded["nemotron3_5_transcribe"]
+    # A composite that reuses another family's MoE decoder points at it (families newer than the
+    # installed transformers are not there to check).
+    found = {a.name for a in zoo.moe_archs()}
+    for composite, decoder in (("kimi_k25", "deepseek_v3"), ("nemotron3_5_transcribe", "nemotron_h")):
+        if composite in found:
+            assert decoder in excluded[composite]
     for arch, reason in excluded.items():
         with pytest.raises(zoo.ZooUnavailable, match=arch):
             zoo.build(arch)

@@ -26,7 +26,7 @@ def _lowered(name, disable=()):
     model, args = _subject(name)
     model.eval()
     (gm,) = capture_graphs(model, *args)
-    gm, _ = run_pipeline(gm, target="cpu", disable=("fuse_inference", *disable), check=True)
+    gm, _ = run_pipeline(gm, target="cpu", disable=("lower_small", "fuse_inference", *disable), check=True)
     return model, args, gm
 
 
@@ -52,7 +52,7 @@ def test_compiled_without_gradients_is_bitwise_the_unfused_ops(name):
     model, args = _subject(name)
     model.eval()
     outs = []
-    for disable in ((), ("fuse_inference",)):
+    for disable in (("lower_small",), ("lower_small", "fuse_inference")):  # tiny layers: keep the grouped ops
         torch._dynamo.reset()
         compiled = moec.compile(copy.deepcopy(model), disable=list(disable), inner="aot_eager")
         with torch.no_grad():
@@ -77,7 +77,7 @@ def test_training_through_moec_still_gets_gradients():
     model, args = _subject("moe-mlp")
     ref = copy.deepcopy(model)
     torch._dynamo.reset()
-    compiled = moec.compile(model, inner="aot_eager")
+    compiled = moec.compile(model, inner="aot_eager", disable=["lower_small"])
     compiled(*args).sum().backward()
     ref(*args).sum().backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):

@@ -36,7 +36,7 @@ def _expected(gm: torch.fx.GraphModule) -> dict[str, int]:
     with_capacity = sum(1 for n in gm.graph.nodes if "moec.route" in str(n.target) and n.args[8] > 0)
     return {"fuse_gating": routes - with_capacity, "lower_grouped": ffns, "fuse_activation": ffns,
             "fuse_combine": ffns, "expert_parallel": 0,
-            "schedule_overlap": 0, "select_impl": 0, "fuse_inference": 0}
+            "schedule_overlap": 0, "select_impl": 0, "lower_small": 0, "fuse_inference": 0}
 
 
 @pytest.mark.parametrize("name", HF + sorted(BUILTIN_MODELS))
