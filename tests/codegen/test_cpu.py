@@ -533,3 +533,61 @@ def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
         assert cpu_native.clear_stale_lock(str(lock))
     assert not lock.exists()
     assert not cpu_native.clear_stale_lock(str(lock))  # nothing there
+
+
+# name -> (T, H, I, E, K, routing, activation, interleaved, transposed, bias, token rows gathered)
+PADDED_CASES = {
+    "swiglu": (48, 16, 12, 4, 2, "random", "swiglu", False, False, False, True),
+    "relu_bias": (48, 16, 12, 4, 2, "random", "relu", False, False, True, True),
+    "interleaved_transposed": (40, 16, 12, 4, 2, "random", "clamped_swiglu", True, True, True, True),
+    "expert_without_tokens": (60, 16, 12, 4, 2, "skip_expert_2", "gelu", False, False, True, True),
+    "top_k_equals_experts": (20, 16, 12, 4, 4, "random", "geglu", False, False, False, True),
+    "rows_in_order": (48, 16, 12, 4, 2, "random", "silu", False, False, True, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PADDED_CASES))
+def test_padded_products_match_reference_and_the_loop(case, monkeypatch):
+    """Tens of rows per expert: both products run as one batched product over the padded layout
+    (``_padded``). Against the reference (forward and gradients), against the per-expert loop
+    (``use_padded`` off), and the layout must really be used (a spy on ``_padded_layout``)."""
+    T, H, I, E, K, kind, activation, interleaved, transposed, bias, gathered = PADDED_CASES[case]
+    cpu = moec.codegen.cpu
+    g = torch.Generator().manual_seed(11)
+    weights_TK, token_N, slot_N, counts_E = routing(T, E, K, kind, g)
+    w_in, w_out, b_in, b_out = expert_weights(E, H, I, activation, transposed, bias, torch.float32, g)
+    x = torch.randn(T if gathered else T * K, H, generator=g)  # else: row n is sorted slot n's input
+    token = token_N if gathered else None
+    layouts = []
+    real_layout = cpu._padded_layout
+    monkeypatch.setattr(cpu, "_padded_layout", lambda *a: layouts.append(1) or real_layout(*a))
+    act_args = (x, token, counts_E, w_in, b_in, activation, transposed, interleaved, 1.702, 1.5)
+    a, _ = check_both("grouped_gemm_act", act_args, (0, 3, 4))
+    a_NI = torch.randn(T * K, a.shape[1], generator=g)
+    out, _ = check_both("grouped_gemm_combine", (a_NI, slot_N, counts_E, w_out, b_out, weights_TK, transposed),
+                        (0, 3, 4, 5))
+    assert len(layouts) >= 2, "the padded path was not taken"
+    monkeypatch.setattr(cpu, "use_padded", False)
+    with torch.no_grad():
+        a_loop = torch.ops.moec_cpu.grouped_gemm_act(*act_args)
+        out_loop = torch.ops.moec_cpu.grouped_gemm_combine(a_NI, slot_N, counts_E, w_out, b_out, weights_TK,
+                                                           transposed)
+    assert_scaled_close(a.detach(), a_loop, REL_TOL["fwd"], "padded vs loop act")
+    assert_scaled_close(out.detach(), out_loop, REL_TOL["fwd"], "padded vs loop combine")
+    assert len(layouts) == 2
+
+
+def test_padded_layout_is_left_alone_where_it_would_waste():
+    """All rows on one of four experts: padding every expert to that count would quadruple the
+    work, so the loop runs (``_PADDED_MAX_WASTE``); so do bf16 layers and few-row experts."""
+    cpu = moec.codegen.cpu
+    w = torch.randn(4, 12, 16)
+    one_hot = [(0, 0, 40)]
+    even = [(e, 10 * e, 10 * e + 10) for e in range(4)]
+    wide = [(e, 20 * e, 20 * e + 20) for e in range(4)]
+    assert not cpu._padded_ok(one_hot + [(1, 40, 41)], 41, w, torch.float32)
+    assert not cpu._padded_ok(even, 40, w, torch.float32)  # 10 rows < _PADDED_MIN_ROWS
+    assert cpu._padded_ok(wide, 80, w, torch.float32)
+    assert not cpu._padded_ok(wide, 80, w.bfloat16(), torch.bfloat16)
+    C, dest = cpu._padded_layout([(0, 0, 3), (2, 3, 4)], 4, torch.tensor([3, 0, 1]))
+    assert C == 3 and dest.tolist() == [0, 1, 2, 6]

@@ -97,3 +97,29 @@ def test_an_intermediate_with_another_reader_keeps_the_chain():
         gm, changes = fuse_inference(gm, None)
     assert changes == 1  # the other layer only
     assert op_counts(gm)["moec_cpu::gate"] == 1
+
+
+@pytest.mark.parametrize("name", ["moe-mlp", "sort-split", "shared-expert"])
+def test_padded_layers_are_bitwise_the_unfused_ops(name, monkeypatch):
+    """At 128 tokens the experts' products run padded (``moec.codegen.cpu._padded``); the fused op
+    keeps the activations padded between its two products, the unfused ops un-pad and re-pad them:
+    the same values either way."""
+    from moec.cli.bench import resize_args
+    from moec.codegen import cpu
+
+    layouts = []
+    real_layout = cpu._padded_layout
+    monkeypatch.setattr(cpu, "_padded_layout", lambda *a: layouts.append(1) or real_layout(*a))
+    model, args = _subject(name)
+    model.eval()
+    (x,) = resize_args(model, args, 128, torch.Generator().manual_seed(0))
+    outs = []
+    for disable in (("lower_small",), ("lower_small", "fuse_inference")):
+        torch._dynamo.reset()
+        compiled = moec.compile(copy.deepcopy(model), disable=list(disable), inner="aot_eager")
+        with torch.no_grad():
+            outs.append(compiled(x))
+    assert layouts, "no layer ran padded"
+    assert torch.equal(outs[0], outs[1])
+    with torch.no_grad():
+        torch.testing.assert_close(outs[0], model(x))
