@@ -112,6 +112,23 @@ def enable_interpreter() -> Callable[[], None]:
     return undo
 
 
+def interpreter_numpy_problem() -> str:
+    """Why Triton's interpreter cannot run with the installed numpy, or ''. Triton before 3.7
+    fails inside its interpreter with numpy 2.3 and newer ("only 0-dimensional arrays can be
+    converted to Python scalars", seen with triton 3.6.0 and numpy 2.4.6; numpy 2.2.6 works)."""
+    import numpy
+    import triton
+
+    def major_minor(version: str) -> tuple[int, int]:
+        parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in version.split(".")[:2]]
+        return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 3):
+        return (f"triton {triton.__version__}'s CPU interpreter fails with numpy {numpy.__version__} (numpy >= 2.3); "
+                "install numpy<2.3 to run the Triton kernels on the CPU (a GPU is unaffected)")
+    return ""
+
+
 def available() -> tuple[bool, str]:
     """Whether the ``moec_triton::`` kernels can run in this process, and why (not)."""
     try:
@@ -122,6 +139,9 @@ def available() -> tuple[bool, str]:
         if not _language_interpreted():
             return False, ("TRITON_INTERPRET=1 was set after triton was imported; set it before starting Python "
                            "or call moec.codegen.triton_ops.enable_interpreter()")
+        broken = interpreter_numpy_problem()
+        if broken:
+            return False, broken
         return True, f"TRITON_INTERPRET=1: triton {triton.__version__} runs the kernels in its CPU interpreter"
     if torch.cuda.is_available():
         return True, f"CUDA device {torch.cuda.get_device_name()} (triton {triton.__version__})"
