@@ -120,69 +120,47 @@ def _spans(counts_E: Tensor) -> tuple[list[tuple[int, int, int]], int]:
     return spans, start
 
 
-def _linear(x_MD: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool) -> Tensor:
-    """``x_MD @ W + b`` for one expert's weight (``w [O, D]``, or ``[D, O]`` when transposed)."""
+def _linear(x_MD: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool, out: Optional[Tensor] = None) -> Tensor:
+    """``x_MD @ W + b`` for one expert's weight (``w [O, D]``, or ``[D, O]`` when transposed),
+    written into ``out`` when given."""
     w_OD = w.t() if transposed else w
     if (_SKINNY_ROWS[0] <= x_MD.shape[0] <= _SKINNY_ROWS[1] and x_MD.dtype == torch.float32 and w_OD.is_contiguous()
             and (b is None or b.dtype == x_MD.dtype)):
         # A few rows: BLAS's W @ x^T (weight as the long operand) streams W on all threads; the
         # result is returned as a transposed view, which the callers' in-place ops accept.
         h_OM = torch.mm(w_OD, x_MD.t()) if b is None else torch.addmm(b[:, None], w_OD, x_MD.t())
-        return h_OM.t()
+        return h_OM.t() if out is None else out.copy_(h_OM.t())
     if (use_onednn and w_OD.shape[0] >= _ONEDNN_MIN_OUT and w_OD.shape[1] >= _ONEDNN_MIN_IN
             and x_MD.dtype in _ONEDNN_DTYPES and w_OD.dtype == x_MD.dtype and w_OD.is_contiguous()
             and x_MD.is_contiguous() and (b is None or b.dtype == x_MD.dtype)):
-        return torch.ops.mkldnn._linear_pointwise(x_MD, w_OD, b, "none", [], "")
-    return torch.mm(x_MD, w_OD.t()) if b is None else torch.addmm(b, x_MD, w_OD.t())
-
-
-def _operands(spans, x_ND: Tensor, w: Tensor, b: Optional[Tensor], transposed: bool):
-    """Each non-empty expert's rows of ``x_ND`` and its ``[D, O]`` weight and bias, as views made by
-    one split and one unbind each (a slice or select per expert costs a dispatch apiece)."""
-    sizes = [end - start for _, start, end in spans]
-    w_DO = (w if transposed else w.transpose(1, 2)).unbind(0)
-    b_O = (None,) * w.shape[0] if b is None else b.unbind(0)
-    return sizes, x_ND[:sum(sizes)].split(sizes), w_DO, b_O
-
-
-def _layout_contiguous(w_DO: Tensor) -> bool:
-    """Whether ``w_DO.t()`` (the ``[O, D]`` nn.Linear layout) is contiguous, without a dispatch."""
-    D, O = w_DO.shape
-    return (D == 1 or w_DO.stride(0) == 1) and (O == 1 or w_DO.stride(1) == D)
-
-
-def _linear_e(x_MD: Tensor, w_DO: Tensor, b_O: Optional[Tensor], transposed: bool,
-              out: Optional[Tensor] = None) -> Tensor:
-    """``_linear(x_MD, w_e, b_O, transposed)`` given ``w_DO``, the ``[D, O]`` view of the expert's
-    weight, written into ``out`` when given: the BLAS call ``_linear`` would pick, so the same values."""
-    D, O = w_DO.shape
-    rows, dtype = x_MD.shape[0], x_MD.dtype
-    bias_ok = b_O is None or b_O.dtype == dtype
-    special = bias_ok and _layout_contiguous(w_DO) and (
-        (_SKINNY_ROWS[0] <= rows <= _SKINNY_ROWS[1] and dtype == torch.float32)
-        or (use_onednn and O >= _ONEDNN_MIN_OUT and D >= _ONEDNN_MIN_IN and dtype in _ONEDNN_DTYPES
-            and w_DO.dtype == dtype and x_MD.is_contiguous()))
-    if special:
-        y = _linear(x_MD, w_DO if transposed else w_DO.t(), b_O, transposed)
+        y = torch.ops.mkldnn._linear_pointwise(x_MD, w_OD, b, "none", [], "")
         return y if out is None else out.copy_(y)
     if out is None:
-        return torch.mm(x_MD, w_DO) if b_O is None else torch.addmm(b_O, x_MD, w_DO)
-    return torch.mm(x_MD, w_DO, out=out) if b_O is None else torch.addmm(b_O, x_MD, w_DO, out=out)
+        return torch.mm(x_MD, w_OD.t()) if b is None else torch.addmm(b, x_MD, w_OD.t())
+    return torch.mm(x_MD, w_OD.t(), out=out) if b is None else torch.addmm(b, x_MD, w_OD.t(), out=out)
+
+
+def _operands(spans, x_ND: Tensor, w: Tensor, b: Optional[Tensor]):
+    """Each non-empty expert's rows of ``x_ND``, and every expert's weight and bias, as views made by
+    one split and one unbind each (a slice or select per expert costs a dispatch apiece)."""
+    sizes = [end - start for _, start, end in spans]
+    b_E = (None,) * w.shape[0] if b is None else b.unbind(0)
+    return sizes, x_ND[:sum(sizes)].split(sizes), w.unbind(0), b_E
 
 
 def _linears_into(x_ND: Tensor, spans, w: Tensor, b: Optional[Tensor], transposed: bool, out_NO: Tensor) -> None:
     """``out_NO[start:end] = x_ND[start:end] @ W_e + b_e`` for every span ``(e, start, end)``."""
-    sizes, xs, w_DO, b_O = _operands(spans, x_ND, w, b, transposed)
+    sizes, xs, w_E, b_E = _operands(spans, x_ND, w, b)
     for (e, _, _), x_MD, o_MO in zip(spans, xs, out_NO.split(sizes)):
-        _linear_e(x_MD, w_DO[e], b_O[e], transposed, out=o_MO)
+        _linear(x_MD, w_E[e], b_E[e], transposed, out=o_MO)
 
 
-def _per_expert(x_ND: Tensor, spans, w: Tensor, b: Optional[Tensor], transposed: bool, out: Optional[Tensor] = None):
-    """``(e, rows of x_ND, rows of out, [D, O] weight, bias)`` per span, from one split per operand."""
-    sizes, xs, w_DO, b_O = _operands(spans, x_ND, w, b, transposed)
+def _per_expert(x_ND: Tensor, spans, w: Tensor, b: Optional[Tensor], out: Optional[Tensor] = None):
+    """``(rows of x_ND, rows of out, weight, bias)`` per span, from one split per operand."""
+    sizes, xs, w_E, b_E = _operands(spans, x_ND, w, b)
     outs = out[:sum(sizes)].split(sizes) if out is not None else (None,) * len(spans)
     for (e, _, _), x_MD, o in zip(spans, xs, outs):
-        yield e, x_MD, o, w_DO[e], b_O[e]
+        yield x_MD, o, w_E[e], b_E[e]
 
 
 def _padded_ok(spans, total: int, w: Tensor, dtype: torch.dtype) -> bool:
@@ -674,8 +652,8 @@ def _act_body(x, token_idx, spans, total, padded, w_in, b_in, activation, transp
         _linears_into(x_ND, spans, w_in, b_in, transposed, h_MF)
         _act_into(h_MF, a_NI[:total], activation, interleaved, alpha, limit)
         return a_NI
-    for e, x_MD, a_MI, w_e, b_e in _per_expert(x_ND, spans, w_in, b_in, transposed, a_NI):
-        _act_into(_linear_e(x_MD, w_e, b_e, transposed), a_MI, activation, interleaved, alpha, limit)
+    for x_MD, a_MI, w_e, b_e in _per_expert(x_ND, spans, w_in, b_in, a_NI):
+        _act_into(_linear(x_MD, w_e, b_e, transposed), a_MI, activation, interleaved, alpha, limit)
     return a_NI
 
 
@@ -744,6 +722,15 @@ def _grouped_gemm_combine_impl(
 grouped_gemm_combine = torch.library.custom_op("moec_cpu::grouped_gemm_combine", mutates_args=())(_grouped_gemm_combine_impl)
 
 
+def _combine_rows(slot_idx: Tensor, total: int, weights: Tensor, w_out: Tensor, transposed: bool,
+                  like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept rows' routing weights and tokens, and the zeroed ``[T, H]`` output they add into."""
+    K = weights.shape[-1]
+    slot_M = slot_idx[:total]
+    out_TH = like.new_zeros(weights.numel() // K, out_width(w_out, transposed))
+    return weights.reshape(-1).index_select(0, slot_M), torch.div(slot_M, K, rounding_mode="floor"), out_TH
+
+
 def _combine_body(a, slot_idx, spans, total, padded, w_out, b_out, weights, transposed):
     """``_grouped_gemm_combine_impl`` given its spans and padded layout."""
     K = weights.shape[-1]
@@ -751,10 +738,7 @@ def _combine_body(a, slot_idx, spans, total, padded, w_out, b_out, weights, tran
     if native is not None and weights.dtype == torch.float32:
         return native.gemv_combine(a.contiguous(), _spans_tensor(spans), w_out, _or_empty(b_out, a),
                                    weights.contiguous(), slot_idx.contiguous(), K, weights.numel() // K)
-    slot_M = slot_idx[:total]
-    weight_M = weights.reshape(-1).index_select(0, slot_M)
-    token_M = torch.div(slot_M, K, rounding_mode="floor")
-    out_TH = a.new_zeros(weights.numel() // K, out_width(w_out, transposed))
+    weight_M, token_M, out_TH = _combine_rows(slot_idx, total, weights, w_out, transposed, a)
     if padded is not None:
         C, dest_M = padded
         a_PI = a.new_zeros(w_out.shape[0] * C, a.shape[1]).index_copy_(0, dest_M, a[:total])
@@ -767,9 +751,9 @@ def _combine_body(a, slot_idx, spans, total, padded, w_out, b_out, weights, tran
         _linears_into(a, spans, w_out, b_out, transposed, y_MH)
         return out_TH.index_add_(0, token_M, y_MH.mul_(weight_M[:, None]))
     sizes = [end - start for _, start, end in spans]
-    for (e, x_MD, _, w_e, b_e), weight_m, token_m in zip(_per_expert(a, spans, w_out, b_out, transposed),
-                                                        weight_M.split(sizes), token_M.split(sizes)):
-        y_MH = _linear_e(x_MD, w_e, b_e, transposed)
+    for (x_MD, _, w_e, b_e), weight_m, token_m in zip(_per_expert(a, spans, w_out, b_out), weight_M.split(sizes),
+                                                     token_M.split(sizes)):
+        y_MH = _linear(x_MD, w_e, b_e, transposed)
         out_TH.index_add_(0, token_m, y_MH.mul_(weight_m[:, None]))
     return out_TH
 
@@ -862,14 +846,10 @@ def moe_inference(
     if pad_in and pad_out:
         # Both products padded: the activations stay in the padded layout between them (the two
         # ops would un-pad and re-pad them: the same values, two copies more).
-        K = weights_TK.shape[-1]
-        slot_M = slot_N[:total]
         a_PI = _padded_act(x_ffn, token_N, total, layout, w_in, b_in, activation, transposed, interleaved, alpha,
                            limit)
-        out_TH = a_PI.new_zeros(weights_TK.numel() // K, out_width(w_out, transposed))
-        return _padded_combine(a_PI, layout[1], layout[0], w_out, b_out,
-                               weights_TK.reshape(-1).index_select(0, slot_M),
-                               torch.div(slot_M, K, rounding_mode="floor"), transposed, out_TH)
+        weight_M, token_M, out_TH = _combine_rows(slot_N, total, weights_TK, w_out, transposed, a_PI)
+        return _padded_combine(a_PI, layout[1], layout[0], w_out, b_out, weight_M, token_M, transposed, out_TH)
     a_NI = _act_body(x_ffn, token_N, spans, total, layout if pad_in else None, w_in, b_in, activation,
                      transposed, interleaved, alpha, limit)
     return _combine_body(a_NI, slot_N, spans, total, layout if pad_out else None, w_out, b_out, weights_TK,
