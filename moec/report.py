@@ -15,6 +15,9 @@ Router vocabulary (``MoELayer.router``):
 
 Activation vocabulary (``MoELayer.activation``): gated ``swiglu``, ``geglu``, ``geglu_tanh``,
 ``clamped_swiglu`` (GPT-OSS); ungated ``relu``, ``gelu``, ``gelu_tanh``, ``silu``.
+
+``MoELayer.post_norm``: the RMSNorm each expert's output passes through before its routing weight
+(Ergo's per-expert scale, MuSE-Spark's shared one), described; "" when there is none.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class MoELayer:
     capacity: int = 0
     expert_bias: bool = False
     recogniser: str = ""
+    post_norm: str = ""
 
 
 @dataclasses.dataclass
@@ -74,14 +78,15 @@ class Report:
         cols = ["name", "num_experts", "top_k", "hidden_size", "expert_hidden_size", "router",
                 "num_shared_experts", "activation"]
         heads = ["layer", "experts", "top_k", "hidden", "expert_hidden", "router", "shared", "activation"]
-        rows = [[str(getattr(layer, c)) for c in cols] for layer in self.moe_layers]
+        rows = [[str(getattr(layer, c)) + (" + rms_norm" if c == "activation" and layer.post_norm else "")
+                 for c in cols] for layer in self.moe_layers]
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
         lines.append(
             f"{len(self.moe_layers)} MoE layer(s), {self.graph_breaks} graph break(s), {self.num_graphs} graph(s)"
         )
-        recognised = {layer.name for layer in self.moe_layers}
+        recognised = {layer.name or "<root>" for layer in self.moe_layers}
         for f in self.fallbacks:
             # A note on a recognised layer (part of it kept as the model's own code) is not a miss.
             lines.append(f"{'note' if f.location in recognised else 'left alone'}: {f.location}: {f.reason}")

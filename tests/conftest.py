@@ -142,3 +142,18 @@ class Checks:
 def checks() -> Checks:
     return Checks()
 
+
+@pytest.fixture
+def triton_here():
+    """Triton kernels run here: compiled on a GPU, else in Triton's CPU interpreter; skips with
+    the reason where neither can (no triton, or an interpreter this numpy breaks)."""
+    pytest.importorskip("triton")
+    from moec.codegen import triton_ops
+
+    undo = triton_ops.enable_interpreter() if not torch.cuda.is_available() else (lambda: None)
+    ok, why = triton_ops.available()
+    if not ok:
+        undo()
+        pytest.skip(why)
+    yield
+    undo()

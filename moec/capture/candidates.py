@@ -209,6 +209,16 @@ def find_candidates(root: nn.Module) -> tuple[list[Candidate], list[Orphan]]:
             continue
         for rank, cand in enumerate(hypotheses):
             found.setdefault(hypotheses[0].name, []).append(((_plausibility(root, cand), rank), cand))
+        # The nearest [E, H] weight sits in a submodule of the experts' own module: a router
+        # there, or a per-expert tensor of the experts (Ergo's post-expert norm scale [E, H]).
+        # The nearest weight outside them is read too, as a layer of its own; whichever reading
+        # is recognised covers the experts (``moec.capture.convert`` drops the other's notes).
+        first = hypotheses[0]
+        router_path = _join(first.name, first.router)
+        if key[1] != "modules" and _is_under(router_path, path) and router_path.rpartition(".")[0] != path:
+            outer = _pairings(root, path, g, [(n, w) for n, w in routers if not _is_under(n, path)])
+            if outer and outer[0].name not in found:
+                found[outer[0].name] = [((_plausibility(root, c), rank), c) for rank, c in enumerate(outer)]
     # Identical modules that hold MoE layers (a list of decoder layers) are not experts; nor are
     # groups inside a layer's experts.
     layers = list(found)

@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from moec.capture import recognisers as rec
-from moec.capture.candidates import Candidate, Orphan, find_candidates, owner_of
+from moec.capture.candidates import Candidate, Orphan, expert_tensors, find_candidates, owner_of
 from moec.capture.hook import active, capture_active
 from moec.capture.match import Miss
 from moec.capture.plan import BlockPlan
@@ -106,7 +106,7 @@ def convert_model(root: nn.Module, example: Optional[tuple[tuple, dict]] = None,
     was_training = root.training
     for layer in state.layers:
         layer_calls = calls[layer.cand.name]
-        if not layer.needs(layer_calls):
+        if not layer.needs(layer_calls) or _covered(layer, state):
             continue
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
@@ -255,6 +255,7 @@ def _try_experts_module(cand: Candidate, calls: list[Call]):
         name=cand.name, num_experts=cand.experts.num_experts, top_k=K, hidden_size=cand.hidden,
         expert_hidden_size=spec.ffn.expert_hidden_size, router="(the model's own)", num_shared_experts=0,
         activation=spec.ffn.activation, expert_bias=spec.ffn.has_bias, recogniser="experts",
+        post_norm="" if spec.post_norm is None else spec.post_norm.describe(),
     )
 
 
@@ -382,8 +383,20 @@ def _record(cand: Candidate, plan: BlockPlan) -> MoELayer:
         expert_hidden_size=form.inter, router=plan.kind, num_shared_experts=shared, activation=form.activation,
         renormalize=plan.renormalize, num_groups=plan.num_groups, topk_groups=plan.topk_groups,
         routed_scaling=plan.scaling, capacity=plan.capacity, expert_bias=bool(form.b_in or form.b_out is not None),
-        recogniser="observed",
+        recogniser="observed", post_norm="" if form.post is None else form.post.describe(),
     ) if rk else None
+
+
+def _experts_ids(layer: _Layer) -> frozenset:
+    return frozenset(id(t) for _, t in expert_tensors(layer.cand))
+
+
+def _covered(layer: _Layer, state: _State) -> bool:
+    """Another reading of the same experts (a layer around or inside this one, paired with
+    another router weight) was recognised: this one is not a layer of its own."""
+    mine = _experts_ids(layer)
+    return layer.record is None and any(other is not layer and other.record is not None and
+                                        _experts_ids(other) == mine for other in state.layers)
 
 
 def _result(state: _State) -> CaptureResult:
@@ -391,7 +404,8 @@ def _result(state: _State) -> CaptureResult:
     for layer in state.layers:
         if layer.record is not None:
             layers.append(layer.record)
-        fallbacks.extend(layer.notes)
+        if not _covered(layer, state):
+            fallbacks.extend(layer.notes)
     for orphan in state.orphans:
         fallbacks.append(Fallback(orphan.name or "<root>", orphan.reason()))
     return CaptureResult(layers, fallbacks)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from moec.capture.candidates import Candidate, expert_tensors, owner_of
 from moec.capture.pack import Holder
+from moec.capture.specs import PostNorm
 from moec.ir import ops
 
 
@@ -299,6 +300,7 @@ class FFNForm:
     alpha: float = 1.0
     limit: float = 0.0
     inter: int = 0
+    post: Optional[PostNorm] = None  # an RMSNorm on the expert's output, before its weight
 
     @property
     def gated(self) -> bool:
@@ -348,7 +350,8 @@ class FFNForm:
 
     def describe(self) -> str:
         layout = {1: "fused", 2: "gate/up"}[len(self.w_in)] if self.gated else "ungated"
-        return f"{self.activation} ({layout}{', ' + self.halves if self.gated and len(self.w_in) == 1 else ''})"
+        post = f", then {self.post.describe()}" if self.post is not None else ""
+        return f"{self.activation} ({layout}{', ' + self.halves if self.gated and len(self.w_in) == 1 else ''}{post})"
 
 
 def _swap_pairs(t: Tensor, dim: int) -> Tensor:
@@ -505,18 +508,49 @@ def _one_expert(form: "FFNForm", stacked, e: int) -> tuple:
     return tuple(None if t is None else t.double() for t in parts)
 
 
-def ffn_outputs(form: FFNForm, weights, xp_TH: Tensor, pairs: list[tuple[Tensor, int]]) -> list[Tensor]:
-    """The form's output for each (token rows, expert) pair."""
+def ffn_outputs(form: FFNForm, weights, xp_TH: Tensor, pairs: list[tuple[Tensor, int]],
+                post_tensor: Optional[Callable[[str], Tensor]] = None, ids: Optional[list[int]] = None) -> list[Tensor]:
+    """The form's output for each (token rows, expert) pair (``post_tensor``: a name's tensor,
+    for the form's post-norm scale; ``ids``: the pairs' expert ids where ``weights`` hold only
+    theirs)."""
     w_in, w_out, b_in, b_out = weights
+    post = form.post
+    scale = None if post is None or post.scale is None else post_tensor(post.scale).detach().double()
     out = []
-    for rows, e in pairs:
-        out.append(ops.ffn_reference(xp_TH[rows], w_in[e], w_out[e], None if b_in is None else b_in[e],
-                                     None if b_out is None else b_out[e], *form.attrs))
+    for i, (rows, e) in enumerate(pairs):
+        y = ops.ffn_reference(xp_TH[rows], w_in[e], w_out[e], None if b_in is None else b_in[e],
+                              None if b_out is None else b_out[e], *form.attrs)
+        if post is not None:
+            y = post.apply(y, torch.full((y.shape[0],), e if ids is None else ids[i], dtype=torch.long), scale)
+        out.append(y)
     return out
 
 
+def post_norms(module: nn.Module, prefix: str, E: int, H: int, skip: set[int]) -> list[PostNorm]:
+    """RMSNorms an expert's output may pass through before its routing weight, from the tensors
+    of ``module`` (at ``prefix`` in the layer) outside ``skip``: no scale, or one ``[H]`` or
+    ``[E, H]`` tensor applied after or before normalising, as ``w`` or ``1 + w``; each with the
+    small float attributes of the scale's own module as eps (defaults where it has none)."""
+    def eps_of(mod: nn.Module) -> list[float]:
+        return sorted({f for f in float_attrs(mod) if 0 < f <= 1e-2}, reverse=True)
+
+    found = [PostNorm(None, False, eps) for eps in eps_of(module) or [1e-6, 1e-5]]
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if id(t) in skip or not t.is_floating_point() or tuple(t.shape) not in ((H,), (E, H)):
+            continue
+        owner = name.rpartition(".")[0]
+        eps_list = eps_of(module.get_submodule(owner)) or eps_of(module) or [1e-6, 1e-5]
+        for eps, order, offset in itertools.product(eps_list, ("after", "before"), (0.0, 1.0)):
+            found.append(PostNorm(_join(prefix, name), t.dim() == 2, eps, order, offset))
+    return found
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def match_ffn(forms: list[FFNForm], stacked, xp_TH: Tensor, contrib_ETH: Tensor, member_TE: Tensor,
-              tol: float, floor_T: Optional[Tensor] = None
+              tol: float, floor_T: Optional[Tensor] = None, post_tensor: Optional[Callable[[str], Tensor]] = None
               ) -> tuple[Optional[tuple[FFNForm, Tensor, Tensor]], float]:
     """The form whose outputs the contributions are multiples of, those multiples [T, E] and how
     far each may be off [T, E]. ``floor_T``: the rounding a contribution carries (a difference of
@@ -537,12 +571,12 @@ def match_ffn(forms: list[FFNForm], stacked, xp_TH: Tensor, contrib_ETH: Tensor,
         try:
             with torch.no_grad():
                 if stream:  # lazily: a form that fails on its first experts reads no more
-                    ys = (ffn_outputs(form, _one_expert(form, stacked, e), xp_TH.double(), [(rows, 0)])[0]
-                          for rows, e in pairs)
+                    ys = (ffn_outputs(form, _one_expert(form, stacked, e), xp_TH.double(), [(rows, 0)],
+                                      post_tensor, [e])[0] for rows, e in pairs)
                 else:
                     if key not in cache:
                         cache[key] = tuple(None if t is None else t.double() for t in form.build(stacked))
-                    ys = ffn_outputs(form, cache[key], xp_TH.double(), pairs)
+                    ys = ffn_outputs(form, cache[key], xp_TH.double(), pairs, post_tensor)
                 found = _multiples(pairs, ys, contrib_ETH, member_TE, scale_T, floor_T, max(tol, best_err))
         except (RuntimeError, ValueError):
             continue

@@ -95,7 +95,9 @@ class BlockPlan:
         ffn = FFNSpec(act, transposed, interleaved, self.hidden, form.inter, alpha, limit,
                       bool(form.b_in or form.b_out is not None), packed_fetch(form, stacked),
                       sources=stacked.__dict__.get("sources", ()), packer=packer(form, stacked))
-        return ExpertsSpec(ffn, self.experts.num_experts, input_scaled=self.input_scaled)
+        post = form.post
+        return ExpertsSpec(ffn, self.experts.num_experts, input_scaled=self.input_scaled, post_norm=post,
+                           post_scale=None if post is None or post.scale is None else (lambda: _tensor(module, post.scale)))
 
     def forward(self, module: nn.Module, dtype_of: Callable[[Tensor], torch.dtype]) -> Callable:
         """The canonical forward of ``module`` (called with the layer's own arguments)."""

@@ -177,6 +177,13 @@ def _match(cand: Candidate, call: Call, low_precision: bool, seen: Optional[dict
             floor_T = 64 * torch.finfo(torch.float32).eps * obs.main_TH.double().abs().amax(-1)
             # (the best-fitting form is taken; verification then checks it on every probe)
             ffn, ffn_err = m.match_ffn(forms, stacked, xp_TH, obs.contrib_ETH, obs.member_TE, 5e-5, floor_T)
+            if ffn is None:
+                # An RMSNorm on each expert's output before its weight (Ergo): no contribution
+                # is then a multiple of the plain FFN's output.
+                normed = [dataclasses.replace(f, post=p) for p in _post_norms(cand, bias_name) for f in forms]
+                ffn, post_err = m.match_ffn(normed, stacked, xp_TH, obs.contrib_ETH, obs.member_TE, 5e-5, floor_T,
+                                            post_tensor=lambda name: _tensor_at(cand.module, name))
+                ffn_err = min(ffn_err, post_err)
             if ffn is not None:
                 form, weights_TE, unc_TE = ffn
                 routers, w_err = m.match_weights(chosen, logits, obs.member_TE, weights_TE, floats, ints, 1e-5,
@@ -188,7 +195,8 @@ def _match(cand: Candidate, call: Call, low_precision: bool, seen: Optional[dict
                                                  logits, floats, 1e-5)
                 if found is None:
                     misses.append(Miss("experts", f"no FFN form ({len(forms)} tried) explains the experts' "
-                                                  "contributions, scaling their outputs or their inputs",
+                                                  "contributions, scaling their outputs or their inputs, with or "
+                                                  "without an RMSNorm on their outputs",
                                        f"relative residual {ffn_err:.2g}"))
                     continue
                 form, routers = found
@@ -238,6 +246,26 @@ def _match(cand: Candidate, call: Call, low_precision: bool, seen: Optional[dict
 _MAX_PLANS = 32
 
 
+def _post_norms(cand: Candidate, router_bias: Optional[str]) -> list:
+    """Post-expert RMSNorms to try: scales from the experts' own module, then from the rest of
+    the layer; never the router's or the experts' tensors."""
+    owner = owner_of(cand)
+    skip = {id(t) for _, t in expert_tensors(cand)} | {id(cand.module.get_parameter(cand.router))}
+    if router_bias is not None:
+        skip.add(id(_tensor_at(cand.module, router_bias)))
+    E, H = cand.experts.num_experts, cand.hidden
+    found = m.post_norms(owner, cand.experts.owner, E, H, skip)
+    if owner is not cand.module:  # a scale the layer holds beside its experts' module
+        skip |= {id(t) for t in [*owner.parameters(), *owner.buffers()]}
+        found += m.post_norms(cand.module, "", E, H, skip)
+    return list(dict.fromkeys(found))
+
+
+def _tensor_at(module: nn.Module, name: str) -> Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+
 def _simplicity(r: m.RouterForm) -> tuple:
     return m.preference(r)
 
@@ -271,6 +299,11 @@ def _routings(obs: Observation, logits_TE: Tensor, corrections: dict, ints: set[
             return [_Routing(s, [(0, (), int(rows[0]), False)]) for s in sels]
         miss = Miss("router", "no router form chooses the experts the layer used",
                     f"{agree:.0%} of tokens' expert sets reproduced")
+        same = _unrouted(member, logits_TE)
+        if same is not None:
+            return Miss("router", f"every token used the same experts {same} though their router scores rank the "
+                                  "experts differently: the layer does not route by its router weight (transformers' "
+                                  "NLLB-MoE experts module picks experts by the values of a one-hot mask)")
         if int(cols.min()) != int(cols.max()):
             return miss
     else:
@@ -287,6 +320,16 @@ def _routings(obs: Observation, logits_TE: Tensor, corrections: dict, ints: set[
             "router", f"tokens use between {int(rows.min())} and {int(rows.max())} experts and no capacity rule "
                       "(fixed, or a factor of the token count; token or first-choice priority) drops those slots")
     return miss or Miss("router", "no router form chooses the experts the layer used")
+
+
+def _unrouted(member_TE: Tensor, logits_TE: Tensor) -> Optional[list[int]]:
+    """The experts every token used, when all used the same ones (fewer than all) while their
+    router scores' top choices differ; else None."""
+    if member_TE.shape[0] < 2 or bool(member_TE.all()) or not bool((member_TE == member_TE[:1]).all()):
+        return None
+    if int(logits_TE.argmax(-1).unique().numel()) < 2:
+        return None
+    return member_TE[0].nonzero().flatten().tolist()
 
 
 def _capacity_mods(floats: set[float], ints: set[int]) -> list[tuple[str, ...]]:
@@ -750,29 +793,39 @@ def recognise_experts_module(cand: Candidate, top_k: int):
         return Miss("experts", "the experts are not a module of their own with a routing interface")
     like = next(module.parameters())
     K = max(1, min(top_k, E))
-    probes = []
-    for seed, (T, scale) in enumerate(((7, 1.0), (16, 1.0), (16, _LARGE))):
-        x, idx, w = _routing_probe(T, E, K, like, 500 + seed, H)
-        call = Call((x * scale, idx, w), {}, 0)
-        out = call_module(module, call)
-        if not isinstance(out, Tensor) or out.shape != call.x.shape:
-            why = out if isinstance(out, str) else f"returns {type(out).__name__}"
-            return Miss("experts", f"the experts module is not called as (x, expert ids, weights): {why}")
-        probes.append((call, out))
-    shapes, stacked = m.stacker(cand)
-    forms = m.ffn_candidates(shapes, H, m.float_attrs(cand.module))
-    spec = None
-    for form in forms:
-        act, transposed, interleaved, alpha, limit = form.attrs
-        ffn = FFNSpec(act, transposed, interleaved, H, form.inter, alpha, limit,
-                      bool(form.b_in or form.b_out is not None), packed_fetch(form, stacked),
-                      sources=stacked.__dict__.get("sources", ()), packer=packer(form, stacked))
-        candidate = ExpertsSpec(ffn, E)
-        if all(close(_as_out(call_module(candidate, call), out), out) for call, out in probes):
-            spec = candidate
-            break
+    # Constant tensors (a norm scale of zeros or ones) take random values while probed: a
+    # replacement that ignored them would match here and be wrong once trained values load.
+    keep = [t for _, t in expert_tensors(cand)]
+    with randomized_constants(module, keep):
+        probes = []
+        for seed, (T, scale) in enumerate(((7, 1.0), (16, 1.0), (16, _LARGE))):
+            x, idx, w = _routing_probe(T, E, K, like, 500 + seed, H)
+            call = Call((x * scale, idx, w), {}, 0)
+            out = call_module(module, call)
+            if not isinstance(out, Tensor) or out.shape != call.x.shape:
+                why = out if isinstance(out, str) else f"returns {type(out).__name__}"
+                return Miss("experts", f"the experts module is not called as (x, expert ids, weights): {why}")
+            probes.append((call, out))
+        shapes, stacked = m.stacker(cand)
+        forms = m.ffn_candidates(shapes, H, m.float_attrs(cand.module))
+        prefix = cand.experts.owner
+        # Plain forms first, then each with an RMSNorm on the expert's output (Ergo, MuSE-Spark).
+        posts = [None, *m.post_norms(module, prefix, E, H, {id(t) for t in keep})]
+        spec = None
+        for post, form in ((p, f) for p in posts for f in forms):
+            act, transposed, interleaved, alpha, limit = form.attrs
+            ffn = FFNSpec(act, transposed, interleaved, H, form.inter, alpha, limit,
+                          bool(form.b_in or form.b_out is not None), packed_fetch(form, stacked),
+                          sources=stacked.__dict__.get("sources", ()), packer=packer(form, stacked))
+            candidate = ExpertsSpec(ffn, E, post_norm=post,
+                                    post_scale=None if post is None or post.scale is None else (
+                                        lambda p=post: _tensor_at(cand.module, p.scale)))
+            if all(close(_as_out(call_module(candidate, call), out), out) for call, out in probes):
+                spec = candidate
+                break
     if spec is None:
-        return Miss("experts", f"no FFN form ({len(forms)} tried) reproduces the experts module")
+        return Miss("experts", f"no FFN form ({len(forms)} tried, with and without an RMSNorm on the output) "
+                               "reproduces the experts module")
     # Expert ids past E: nothing computed for them (a skip class) is a dropped slot.
     (call, _) = probes[0]
     x, idx, w = call.args

@@ -75,6 +75,43 @@ class FFNSpec:
         return (self.activation, self.transposed, self.interleaved, self.alpha, self.limit)
 
 
+@dataclasses.dataclass(frozen=True)
+class PostNorm:
+    """An RMSNorm on each expert's output row, before its routing weight (Ergo, MuSE-Spark).
+
+    ``scale``: the norm's scale tensor, a path relative to the layer module, ``[H]`` (one for all
+    experts) or ``[E, H]`` (``per_expert``: each row takes its expert's), or None (no scale).
+    ``order``: "after" normalises then scales, "before" scales then normalises (the scaled row is
+    rounded to the row's dtype first). ``offset``: added to the scale (1.0: a ``1 + w`` scale).
+    Computed in float32 (or the row's wider dtype), the result rounded to the row's dtype."""
+
+    scale: Optional[str]
+    per_expert: bool
+    eps: float
+    order: str = "after"  # "after" | "before"
+    offset: float = 0.0
+
+    def apply(self, y_NH: Tensor, expert_N: Tensor, scale: Optional[Tensor]) -> Tensor:
+        """``scale``: the live tensor ``self.scale`` names (None when it names none)."""
+        work = torch.promote_types(y_NH.dtype, torch.float32)
+        s = None
+        if scale is not None:
+            s = (scale[expert_N] if self.per_expert else scale).to(work)
+            s = s + self.offset if self.offset else s
+        y = y_NH.to(work)
+        if self.order == "before" and s is not None:
+            y = (y * s).to(y_NH.dtype).to(work)
+        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)
+        if self.order == "after" and s is not None:
+            y = y * s
+        return y.to(y_NH.dtype)
+
+    def describe(self) -> str:
+        what = "none" if self.scale is None else ("per expert " if self.per_expert else "") + self.scale
+        offset = f"{self.offset:g} + " if self.offset else ""
+        return f"rms_norm(eps={self.eps:g}, scale {offset}{what} {self.order})"
+
+
 @dataclasses.dataclass
 class ExpertsSpec:
     ffn: FFNSpec
@@ -88,6 +125,9 @@ class ExpertsSpec:
     # The routing weight scales each token's row before its expert, and the experts' outputs are
     # summed unweighted (Llama-4), instead of weighting the outputs.
     input_scaled: bool = False
+    # An RMSNorm on each expert output row before its weight, and () -> its scale tensor or None.
+    post_norm: Optional[PostNorm] = None
+    post_scale: Optional[Callable[[], Optional[Tensor]]] = dataclasses.field(repr=False, default=None)
 
     def weights(self) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         """All experts' (w_in, w_out, b_in, b_out); gathered from the ranks when sharded (the
@@ -113,6 +153,11 @@ class ExpertsSpec:
             y_NH = torch.ops.moec.expert_ffn(rows_NH, every_N, counts_E, w_in, w_out, b_in, b_out, *self.ffn.attrs())
             return torch.ops.moec.combine(y_NH, slot_N, torch.ones_like(weights_TK)).to(x_TH.dtype)
         y_NH = torch.ops.moec.expert_ffn(x_TH, token_N, counts_E, w_in, w_out, b_in, b_out, *self.ffn.attrs())
+        if self.post_norm is not None:
+            # Ordinary traced ops between expert_ffn and combine: the lowering passes then leave
+            # this combine unfused, and every target runs the norm as PyTorch.
+            scale = None if self.post_scale is None else self.post_scale()
+            y_NH = self.post_norm.apply(y_NH, idx_TK.reshape(-1)[slot_N], scale)
         return torch.ops.moec.combine(y_NH, slot_N, weights_TK).to(x_TH.dtype)
 
 

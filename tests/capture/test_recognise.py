@@ -36,6 +36,8 @@ class Layer(nn.Module):
         if self.variant == "odd_router":  # a router no canonical form has: squared logits
             logits = logits * logits
         w, idx = logits.softmax(-1).topk(K, dim=-1)
+        if self.variant == "unrouted":  # the weights of the top-k, always on experts 0 .. K-1
+            idx = torch.arange(K).expand(idx.shape)
         w = w / w.sum(-1, keepdim=True)
         out = torch.zeros_like(x)
         for e in range(E):
@@ -65,6 +67,14 @@ def test_a_layer_left_alone_says_which_step_failed_and_how_close(variant, step, 
     (reason,) = [f.reason for f in report.fallbacks if f.location == "<root>"]
     assert "looks like an MoE layer (4 experts, stacked) but was left alone" in reason
     assert f": {step}: " in reason and closeness in reason, reason
+
+
+def test_a_layer_that_does_not_route_by_its_router_says_so():
+    model = Layer("unrouted").eval()
+    report = moec.inspect(model, torch.randn(2, 8, H))
+    assert not report.moe_layers
+    (reason,) = [f.reason for f in report.fallbacks if f.location == "<root>"]
+    assert ": router: every token used the same experts [0, 1] though their router scores rank" in reason, reason
 
 
 def test_the_plain_layer_is_recognised():

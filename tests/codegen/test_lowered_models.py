@@ -26,20 +26,6 @@ from moec.models.hf import make_hf_model, primary_output
 TRITON_CASES = ["mixtral", "deepseek_v3", "gpt_oss", "switch_transformers", "moe-mlp", "stacked-bmm"]
 
 
-@pytest.fixture
-def triton_here():
-    pytest.importorskip("triton")
-    from moec.codegen import triton_ops
-
-    undo = triton_ops.enable_interpreter() if not torch.cuda.is_available() else (lambda: None)
-    ok, why = triton_ops.available()
-    if not ok:
-        undo()
-        pytest.skip(why)
-    yield
-    undo()
-
-
 def _subject(name):
     return BUILTIN_MODELS[name]() if name in BUILTIN_MODELS else make_hf_model(name)
 
