@@ -177,17 +177,35 @@ def _match(cand: Candidate, call: Call, low_precision: bool, seen: Optional[dict
             floor_T = 64 * torch.finfo(torch.float32).eps * obs.main_TH.double().abs().amax(-1)
             # (the best-fitting form is taken; verification then checks it on every probe)
             ffn, ffn_err = m.match_ffn(forms, stacked, xp_TH, obs.contrib_ETH, obs.member_TE, 5e-5, floor_T)
+            post_forms: list = []
             if ffn is None:
                 # An RMSNorm on each expert's output before its weight (Ergo): no contribution
                 # is then a multiple of the plain FFN's output.
-                normed = [dataclasses.replace(f, post=p) for p in _post_norms(cand, bias_name) for f in forms]
-                ffn, post_err = m.match_ffn(normed, stacked, xp_TH, obs.contrib_ETH, obs.member_TE, 5e-5, floor_T,
+                posts = _post_norms(cand, bias_name)
+                ffn, post_err = m.match_ffn([dataclasses.replace(f, post=p) for p in posts for f in forms], stacked,
+                                            xp_TH, obs.contrib_ETH, obs.member_TE, 5e-5, floor_T,
                                             post_tensor=lambda name: _tensor_at(cand.module, name))
                 ffn_err = min(ffn_err, post_err)
+                if ffn is not None:
+                    # Scaling before or after normalising differs by a factor per row, which the
+                    # multiples absorb: the weights decide between such readings.
+                    post_forms = [dataclasses.replace(ffn[0], post=p) for p in posts
+                                  if p.scale == ffn[0].post.scale and p != ffn[0].post]
             if ffn is not None:
                 form, weights_TE, unc_TE = ffn
                 routers, w_err = m.match_weights(chosen, logits, obs.member_TE, weights_TE, floats, ints, 1e-5,
                                                  unc_TE)
+                for other in post_forms if not routers else []:
+                    found, _ = m.match_ffn([other], stacked, xp_TH, obs.contrib_ETH, obs.member_TE, 5e-5, floor_T,
+                                           post_tensor=lambda name: _tensor_at(cand.module, name))
+                    if found is None:
+                        continue
+                    routers, err = m.match_weights(chosen, logits, obs.member_TE, found[1], floats, ints, 1e-5,
+                                                   found[2])
+                    w_err = min(w_err, err)
+                    if routers:
+                        form = other
+                        break
             else:
                 # Llama-4 scales each token by its weight before the expert: no output is then a
                 # multiple of the expert's output on x', but the router's weights tell the scale.

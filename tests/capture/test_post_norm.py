@@ -13,8 +13,8 @@ scale, MuSE-Spark's shared ``1 + w`` scale applied before normalising), written 
 
 Each must be reported as an MoE layer with its expert count, top-k and post-norm, compile to one
 graph, and match eager, forward and every gradient (fp32 assert_close defaults), on random tokens,
-one token, identical tokens (all on the same experts, the rest empty) and top-k = E; and run
-through the CPU and (interpreted) Triton lowerings. The norm sits between ``expert_ffn`` and
+one token, identical tokens (all on the same experts, the rest empty) and top-k = E, and in bf16;
+and run through the CPU and (interpreted) Triton lowerings. The norm sits between ``expert_ffn`` and
 ``combine`` as traced PyTorch, so those combines stay unfused.
 """
 
@@ -213,6 +213,26 @@ def test_post_norm_leaves_the_combine_unfused():
     assert counts.get("moec::combine", 0) + counts.get("moec_cpu::combine", 0) == 1, counts
     for fused in ("grouped_gemm_combine", "moe_inference"):
         assert f"moec_cpu::{fused}" not in counts, counts
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_layer(name):
+    # Scaling before or after normalising differ by a factor per row; only the routing weights
+    # tell them apart (observed on a float32 copy, verified in bf16).
+    torch._dynamo.reset()
+    model = _model(name).to(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    x = torch.randn(16, H, dtype=torch.bfloat16)
+    report = moec.inspect(model, x)
+    assert [(l.num_experts, l.top_k) for l in report.moe_layers] == [(E, 2)], report.table()
+    if name == "dense-mix":
+        assert "1 + unit_scale before" in report.moe_layers[0].post_norm
+    compiled = moec.compile(model, inner="aot_eager")
+    with torch.no_grad():
+        got, want = compiled(x).float(), ref(x).float()
+    # Two bf16 roundings of the output's scale (2 x 2^-8 of its largest element): the two sum
+    # the experts in another order, each rounding to bf16 on the way.
+    assert (got - want).abs().max() <= 2 * 2**-8 * want.abs().max()
 
 
 @pytest.mark.parametrize("name", ["own-bank", "dense-mix"])
