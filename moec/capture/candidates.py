@@ -157,6 +157,23 @@ def _stacked_groups(root: nn.Module) -> Iterator[tuple[str, ExpertGroup]]:
             widths = _matrix_widths([tuple(owner.get_parameter(r).shape[1:]) for r in rel])
             if widths:
                 yield path, ExpertGroup("", E, "stacked", rel + vecs, widths)
+    yield from _padded_stacks(root)
+
+
+def _padded_stacks(root: nn.Module) -> Iterator[tuple[str, ExpertGroup]]:
+    """One module's own 3-D parameters with two leading dims E < E2, each held by at least one:
+    E experts whose larger tensors carry E2 - E rows no expert reads (LongCat-Flash in
+    transformers 5.23 allocates ``gate_up_proj`` for its identity "zero" experts too). Read as
+    E experts (the rows past E left out); only agreement with the module's own output accepts
+    the reading."""
+    for path, module in root.named_modules():
+        mats = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.shape[0] >= 2]
+        counts = sorted({p.shape[0] for _, p in mats})
+        if len(counts) != 2 or len(mats) < 2:
+            continue
+        widths = _matrix_widths([tuple(p.shape[1:]) for _, p in mats])
+        if widths:
+            yield path, ExpertGroup("", counts[0], "stacked", [n for n, _ in mats], widths)
 
 
 def _flat_groups(root: nn.Module, routers: list[tuple[str, Tensor]]) -> Iterator[tuple[str, ExpertGroup]]:
@@ -377,7 +394,7 @@ def expert_slices(cand: Candidate, e: int) -> list[Tensor]:
     if g.layout == "modules":
         return list(owner.get_submodule(g.names[e]).parameters())
     if g.layout == "stacked":
-        return [owner.get_parameter(n)[e] for n in g.names]
+        return [owner.get_parameter(n)[e] for n in g.names]  # (rows past E of a padded stack: unread)
     out = []
     for n in g.names:
         p = owner.get_parameter(n)

@@ -237,9 +237,9 @@ def _try_experts_module(cand: Candidate, calls: list[Call]):
         found = recognise_experts_module(cand, K)
         if isinstance(found, Miss):
             return found
-        spec, skip = found
+        spec, past = found
         experts = owner_of(cand)
-        _install_experts(experts, spec, skip, cand.hidden, call.x.dtype)
+        _install_experts(experts, spec, past, cand.hidden, call.x.dtype)
         for c in calls:
             with active():
                 got = call_module(cand.module, c)
@@ -270,17 +270,28 @@ class _Active:
             return self.module(*args, **kwargs)
 
 
-def _install_experts(experts: nn.Module, spec: ExpertsSpec, skip: bool, hidden: int, dtype: torch.dtype) -> None:
+def _install_experts(experts: nn.Module, spec: ExpertsSpec, past: tuple[str, int], hidden: int,
+                     dtype: torch.dtype) -> None:
+    """``past``: what ids from E on mean (``recognise._ids_past``): "drop"ped slots, "identity"
+    experts below a bound, or ("", 0) never emitted (dispatch raises if they are)."""
     original = experts.__dict__.get("_moec_original_forward", experts.forward)
     E = spec.num_experts
+    mode, hi = past
 
     def forward(x, idx, weights, *args, **kwargs):
         if capture_active() and not args and not kwargs and x.dtype == dtype and x.shape[-1] == hidden:
             x_TH = x.reshape(-1, hidden)
             idx_TK = idx.reshape(x_TH.shape[0], -1)
-            if skip:
+            weights_TK = weights.reshape(idx_TK.shape)
+            extra = None
+            if mode == "identity":  # the token itself, times the weights of its identity slots
+                ident_TK = (idx_TK >= E) & (idx_TK < hi)
+                extra = (weights_TK * ident_TK).sum(-1, keepdim=True).to(x_TH.dtype) * x_TH
+                idx_TK = torch.where(ident_TK, torch.full_like(idx_TK, -1), idx_TK)
+            elif mode == "drop":
                 idx_TK = torch.where(idx_TK >= E, torch.full_like(idx_TK, -1), idx_TK)
-            return spec(x_TH, idx_TK, weights.reshape(idx_TK.shape)).reshape(x.shape)
+            out = spec(x_TH, idx_TK, weights_TK)
+            return (out if extra is None else out + extra.to(out.dtype)).reshape(x.shape)
         return original(x, idx, weights, *args, **kwargs)
 
     experts.forward = forward

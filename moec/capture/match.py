@@ -481,7 +481,8 @@ def stacker(cand: Candidate) -> tuple[list[tuple[int, ...]], Callable[[int], Ten
         shapes = [tuple(p.shape[1:]) for p in params]
 
         def stacked(i: int) -> Tensor:
-            return owner.get_parameter(g.names[i])
+            p = owner.get_parameter(g.names[i])
+            return p if p.shape[0] == E else p[:E]  # a padded stack: the rows past E are no expert's
 
         stacked.__dict__["one"] = lambda i, e: stacked(i)[e : e + 1]
         return shapes, stacked

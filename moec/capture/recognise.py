@@ -799,10 +799,10 @@ def _routing_probe(T: int, E: int, K: int, like: Tensor, seed: int, hidden: int)
 def recognise_experts_module(cand: Candidate, top_k: int):
     """The experts' own module as ``forward(x [T, H], idx [T, K], weights [T, K]) -> [T, H]``
     (transformers' experts interface), reproduced by dispatch -> expert FFN -> combine: an
-    ``ExpertsSpec`` and whether expert ids at or past E mean "no expert" (a skip class: the
-    replacement drops them), or a ``Miss``. Routing stays the layer's own code. Where the module
-    computes something else for such ids, they stay what they are and ``moec::dispatch`` raises
-    if a router ever emits one."""
+    ``ExpertsSpec`` and what expert ids at or past E mean (``_ids_past``: "no expert", a skip
+    class the replacement drops, or identity experts it adds as the token times its weight), or
+    a ``Miss``. Routing stays the layer's own code. Where the module computes something else for
+    such ids, they stay what they are and ``moec::dispatch`` raises if a router ever emits one."""
     from moec.capture.specs import ExpertsSpec, FFNSpec
 
     module = owner_of(cand)
@@ -844,18 +844,37 @@ def recognise_experts_module(cand: Candidate, top_k: int):
     if spec is None:
         return Miss("experts", f"no FFN form ({len(forms)} tried, with and without an RMSNorm on the output) "
                                "reproduces the experts module")
-    # Expert ids past E: nothing computed for them (a skip class) is a dropped slot.
-    (call, _) = probes[0]
+    return spec, _ids_past(module, spec, probes[0][0], E)
+
+
+# Ids past E probed for identity experts: at most this many.
+_MAX_IDENTITY_IDS = 64
+
+
+def _ids_past(module: nn.Module, spec, call: Call, E: int) -> tuple[str, int]:
+    """What the experts module does with expert ids E, E+1, ...: ("drop", 0) nothing (a skip
+    class: a dropped slot); ("identity", hi) ids in [E, hi) pass the token through times its
+    weight (LongCat-Flash's "zero" experts), ids from hi on are refused by the module (they never
+    occur); ("", 0) it refuses them, or computes something else: such ids then reach
+    ``moec::dispatch``, which raises naming them, never a silent answer."""
     x, idx, w = call.args
-    beyond = idx.clone()
-    beyond[:, 0] = E
-    skipped = call_module(module, Call((x, beyond, w), {}, 0))
-    if not isinstance(skipped, Tensor):
-        return spec, False  # the module refuses them: they never occur
     dropped = idx.clone()
     dropped[:, 0] = -1
-    # Otherwise such ids reach moec::dispatch, which raises naming them: never a silent answer.
-    return spec, close(_as_out(call_module(spec, Call((x, dropped, w), {}, 0)), skipped), skipped)
+    without = call_module(spec, Call((x, dropped, w), {}, 0))
+    identity = without + w[:, :1].to(without.dtype) * x.to(without.dtype)
+    mode = ""
+    for j in range(E, E + _MAX_IDENTITY_IDS):
+        beyond = idx.clone()
+        beyond[:, 0] = j
+        out = call_module(module, Call((x, beyond, w), {}, 0))
+        if not isinstance(out, Tensor):
+            return (mode, j) if mode == "identity" else ("", 0)
+        if j == E and close(_as_out(without, out), out):
+            return "drop", 0
+        if not close(_as_out(identity, out), out):
+            return ("identity", j) if mode == "identity" else ("", 0)
+        mode = "identity"
+    return mode, E + _MAX_IDENTITY_IDS
 
 
 def _as_out(value, like: Tensor):
