@@ -482,7 +482,8 @@ def stacker(cand: Candidate) -> tuple[list[tuple[int, ...]], Callable[[int], Ten
 
         def stacked(i: int) -> Tensor:
             p = owner.get_parameter(g.names[i])
-            return p if p.shape[0] == E else p[:E]  # a padded stack: the rows past E are no expert's
+            # A padded stack: the rows past E are no expert's. (Fewer rows: this rank's shard.)
+            return p[:E] if p.shape[0] > E else p
 
         stacked.__dict__["one"] = lambda i, e: stacked(i)[e : e + 1]
         return shapes, stacked
