@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from moec.capture import recognisers as rec
-from moec.capture.candidates import Candidate, Orphan, expert_tensors, find_candidates, owner_of
+from moec.capture.candidates import Candidate, Orphan, _is_under, expert_tensors, find_candidates, owner_of
 from moec.capture.hook import active, capture_active
 from moec.capture.match import Miss
 from moec.capture.plan import BlockPlan
@@ -405,9 +405,12 @@ def _experts_ids(layer: _Layer) -> frozenset:
 def _covered(layer: _Layer, state: _State) -> bool:
     """Another reading of the same experts (a layer around or inside this one, paired with
     another router weight) was recognised: this one is not a layer of its own."""
-    mine = _experts_ids(layer)
-    return layer.record is None and any(other is not layer and other.record is not None and
-                                        _experts_ids(other) == mine for other in state.layers)
+    if layer.record is not None:
+        return False
+    name = layer.cand.name
+    nested = [o for o in state.layers if o is not layer and o.record is not None and
+              (_is_under(o.cand.name, name) or _is_under(name, o.cand.name))]
+    return bool(nested) and any(_experts_ids(o) == _experts_ids(layer) for o in nested)
 
 
 def _result(state: _State) -> CaptureResult:
