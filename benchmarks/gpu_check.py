@@ -5,15 +5,17 @@ Contract: ``benchmarks/gpu_check.sh OUT_DIR [--dry-run]`` (this file does the wo
 below in order, printing one progress line as each starts and ends, and writes
 ``OUT_DIR/gpu-check.json``: the device name, the versions, every step's command, exit status,
 seconds, limit and output tail, and the results the benchmark steps wrote (``layers``,
-``decode``, ``train``). A step that fails or runs past its limit is recorded and the next one
-runs; the exit status is 1 if any step failed, else 0.
+``decode``, ``train``), rewritten after every step, and ``OUT_DIR/steps.log``, every step's whole
+output. A step that fails or runs past its limit is recorded and the next one runs; the exit
+status is 1 if any step failed, else 0.
 
-Steps (real mode: CUDA, bf16, full-size layers; their limits add up to 450 s, 7.5 minutes):
+Steps (real mode: CUDA, bf16, full-size layers; their limits add up to 505 s, under 8.5 minutes):
 
 1. ``install``   ``pip install --no-deps --no-build-isolation -e .`` (offline; the image has
                  torch, triton, transformers, networkx, sympy, pytest). If it fails the other
                  steps import moec from the checkout (``PYTHONPATH``), and the record says so.
-2. ``gpu-tests`` ``pytest -m gpu`` (the tests that need a CUDA GPU).
+2. ``gpu-tests`` ``pytest -m gpu tests/codegen`` (the tests that need a CUDA GPU: full-size kernels,
+                 and HF and hand-written models captured, probed and lowered to Triton on the GPU).
 3. ``layers``    ``benchmarks/moe_layer.py`` at the Mixtral-8x7B, DeepSeek-V3 and Qwen3-30B-A3B
                  shapes, bf16, 128 / 2048 / 8192 tokens: HF eager, HF grouped_mm, Inductor, moec.
 4. ``decode``    the same at 1 / 8 / 64 tokens for Mixtral and DeepSeek-V3 with the weight-read
@@ -61,16 +63,17 @@ def steps(out: str, dry: bool) -> list[tuple[str, list[str], int]]:
     return [
         ("install", [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."],
          45),
-        ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider"], 45),
-        ("layers", layer + ["hf-eager,hf-grouped_mm,inductor,moec", "--device", "cuda", "--dtype", "bfloat16",
-                            "--shapes", "mixtral-8x7b", "deepseek-v3", "qwen3-30b-a3b", "--tokens", "128", "2048",
-                            "8192", "--repeat", "10", "--warmup", "2", "--out", os.path.join(out, "layers.json")], 200),
+        ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider", "-rfE",
+                       "--tb=short", "tests/codegen"], 150),
+        ("layers", layer + ["hf-eager,hf-grouped_mm,moec,inductor", "--device", "cuda", "--dtype", "bfloat16",
+                            "--shapes", "mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "--tokens", "128", "2048",
+                            "8192", "--repeat", "10", "--warmup", "2", "--out", os.path.join(out, "layers.json")], 190),
         ("decode", layer + ["hf-eager,hf-grouped_mm,moec,stream-read", "--device", "cuda", "--dtype", "bfloat16",
                             "--shapes", "mixtral-8x7b", "deepseek-v3", "--tokens", "1", "8", "64", "--repeat", "20",
-                            "--warmup", "3", "--out", os.path.join(out, "decode.json")], 80),
+                            "--warmup", "3", "--out", os.path.join(out, "decode.json")], 60),
         ("train", [PY, "-m", "moec.cli", "bench", "hf:mixtral", "--train", "--device", "cuda", "--dtype", "bfloat16",
                    "--tokens", "512", "--repeat", "5", "--warmup", "1", "--quiet",
-                   "--out", os.path.join(out, "train.json")], 80),
+                   "--out", os.path.join(out, "train.json")], 60),
     ]
 
 
@@ -105,7 +108,7 @@ def run_step(name: str, cmd: list[str], limit: int, env: dict[str, str], i: int,
     status = "ok" if rc == 0 else ("TIMEOUT" if rc == 124 else f"FAILED (exit {rc})")
     print(f"[{i}/{n}] {name}: {status} in {seconds} s", flush=True)
     return {"name": name, "command": " ".join(cmd), "rc": rc, "seconds": seconds, "limit_s": limit,
-            "output_tail": output[-4000:]}
+            "output_tail": output[-4000:], "output": output}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,23 +128,35 @@ def main(argv: list[str] | None = None) -> int:
            "versions": versions(), "steps": []}
     print(f"gpu_check ({doc['mode']}) on {doc['device']}: {', '.join(f'{k} {v}' for k, v in doc['versions'].items())}",
           flush=True)
-    for i, (name, cmd, limit) in enumerate(plan, 1):
-        doc["steps"].append(run_step(name, cmd, limit, env, i, len(plan)))
-    for key in ("layers", "decode", "train"):
-        path = os.path.join(out, f"{key}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                doc[key] = json.load(f)
-    doc["seconds"] = round(time.perf_counter() - t0, 1)
-    failed = [s["name"] for s in doc["steps"] if s["rc"] != 0]
-    doc["failed"] = failed
     path = os.path.join(out, "gpu-check.json")
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
-        f.write("\n")
+    with open(os.path.join(out, "steps.log"), "w") as log:
+        for i, (name, cmd, limit) in enumerate(plan, 1):
+            step = run_step(name, cmd, limit, env, i, len(plan))
+            log.write(f"==== {name}: {step['command']}\n{step.pop('output')}\n==== {name}: exit {step['rc']} in "
+                      f"{step['seconds']} s\n")
+            log.flush()
+            doc["steps"].append(step)
+            # After every step, so that a machine taken back mid-run leaves what was measured.
+            _finish(doc, out, t0, path)
+    failed = _finish(doc, out, t0, path)
     print(f"wrote {path} ({doc['seconds']} s); " + (f"failed: {', '.join(failed)}" if failed else "every step ok"),
           flush=True)
     return 1 if failed else 0
+
+
+def _finish(doc: dict, out: str, t0: float, path: str) -> list[str]:
+    for key in ("layers", "decode", "train"):
+        part = os.path.join(out, f"{key}.json")
+        if os.path.exists(part):
+            with open(part) as f:
+                doc[key] = json.load(f)
+    doc["seconds"] = round(time.perf_counter() - t0, 1)
+    doc["failed"] = [s["name"] for s in doc["steps"] if s["rc"] != 0]
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return doc["failed"]
 
 
 if __name__ == "__main__":

@@ -100,8 +100,15 @@ CPU_TOKENS = (1, 16, 2048)
 # ----------------------------------------------------------------------------------------------
 
 
-def build_block(shape: Shape, seed: int = 0) -> nn.Module:
-    """The transformers MoE block of ``shape.family``, weights scale-preserving (outputs O(1))."""
+def build_block(shape: Shape, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """The transformers MoE block of ``shape.family``, weights scale-preserving (outputs O(1)),
+    built and filled on ``device`` (a full-size DeepSeek-V3 layer is 45 GB in fp32: on the CPU its
+    random fill alone took longer than the GPU check's step)."""
+    with torch.device(device):
+        return _fill(_new_block(shape), seed, device)
+
+
+def _new_block(shape: Shape) -> nn.Module:
     if shape.family == "mixtral":
         from transformers.models.mixtral.configuration_mixtral import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -126,14 +133,18 @@ def build_block(shape: Shape, seed: int = 0) -> nn.Module:
         block = DeepseekV3MoE(cfg)
     else:
         raise ValueError(f"unknown family {shape.family!r}")
-    g = torch.Generator().manual_seed(seed)
+    return block
+
+
+def _fill(block: nn.Module, seed: int, device: torch.device | str) -> nn.Module:
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in block.named_parameters():
             fan_in = p.shape[-1]
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            p.copy_(torch.randn(p.shape, generator=g, device=device) / math.sqrt(fan_in))
         for name, buf in block.named_buffers():
             if "correction_bias" in name:
-                buf.copy_(torch.randn(buf.shape, generator=g) * 0.01)
+                buf.copy_(torch.randn(buf.shape, generator=g, device=device) * 0.01)
     return block.eval()
 
 
@@ -269,7 +280,7 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
                 log: Callable[[str], None]) -> list[dict[str, Any]]:
     dtype = DTYPES[args.dtype]
     el = torch.finfo(dtype).bits // 8
-    base = build_block(shape).to(device=device, dtype=dtype)
+    base = build_block(shape, device=device).to(dtype=dtype)
     L = num_copies(shape, device, args.hot, int(args.budget_gb * 1024**3), el)
     log(f"{name}: {L} cop{'y' if L == 1 else 'ies'} of the block ({L * expert_bytes(shape, el) * shape.experts / 1e6:.0f} MB "
         f"of expert weights), {'hot' if args.hot else 'cold'}")
@@ -314,13 +325,6 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
             for b in blocks:
                 set_experts_impl(b, "eager")
 
-            if "inductor" in wanted:
-                torch.compiler.reset()
-                fn = torch.compile(lambda blk, inp: blk(inp))
-                t0 = time.perf_counter()
-                out = fn(base, x)
-                record("inductor", lambda i: fn(blocks[i % L], x), out, compile_s=time.perf_counter() - t0)
-
             if "moec" in wanted:
                 fn, out, compile_s, err = _moec_row(blocks, x, device, args.target)
                 if err:
@@ -328,6 +332,13 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
                     rows.append({"shape": name, "backend": "moec", "tokens": tokens_n, "error": err})
                 else:
                     record("moec", lambda i: fn(blocks[i % L], x), out, compile_s=compile_s)
+
+            if "inductor" in wanted:
+                torch.compiler.reset()
+                fn = torch.compile(lambda blk, inp: blk(inp))
+                t0 = time.perf_counter()
+                out = fn(base, x)
+                record("inductor", lambda i: fn(blocks[i % L], x), out, compile_s=time.perf_counter() - t0)
 
             if "moec-cpu-ops" in wanted and device.type == "cpu":
                 out = moec_cpu_ops_forward(base, shape, x)
@@ -474,6 +485,14 @@ def bench_ops(name: str, shape: Shape, tokens: list[int], args, device: torch.de
 # ----------------------------------------------------------------------------------------------
 
 
+def _write(doc: dict[str, Any], path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda if available)")
@@ -509,19 +528,23 @@ def main(argv: list[str] | None = None) -> int:
         pass
 
     rows, op_rows = [], []
+    doc = {"benchmark": "moe_layer", "mode": "hot" if args.hot else "cold", "dtype": args.dtype, "target": args.target,
+           "repeat": args.repeat, "warmup": args.warmup, "machine": machine(device), "results": rows, "ops": op_rows,
+           "complete": False}
+    path = None
+    if args.out:
+        path = args.out if args.out.endswith(".json") else os.path.join(RESULTS_DIR, f"{args.out}.json")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     for name in shapes:
         rows += bench_shape(name, SHAPES[name], tokens, args, device, log)
         if args.ops and device.type == "cpu" and SHAPES[name].family != "deepseek_v3":
             op_rows += bench_ops(name, SHAPES[name], tokens, args, device, log)
+        if path:  # after each shape, so that a run stopped at a time limit keeps what it measured
+            _write(doc, path)
+    doc["complete"] = True
     print(format_table(rows))
-    doc = {"benchmark": "moe_layer", "mode": "hot" if args.hot else "cold", "dtype": args.dtype, "target": args.target,
-           "repeat": args.repeat, "warmup": args.warmup, "machine": machine(device), "results": rows, "ops": op_rows}
-    if args.out:
-        path = args.out if args.out.endswith(".json") else os.path.join(RESULTS_DIR, f"{args.out}.json")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1, allow_nan=False, default=str)
-            f.write("\n")
+    if path:
+        _write(doc, path)
         print(f"wrote {path}")
     bad = [r for r in rows if r["backend"].startswith("moec") and (r.get("ok") is False or "error" in r)]
     return 1 if bad else 0

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import moec
+from moec.capture import convert_model
 from moec.models.builtin import BUILTIN_MODELS
 from moec.models.hf import make_hf_model, primary_output
 
@@ -30,14 +31,16 @@ def _subject(name):
     return BUILTIN_MODELS[name]() if name in BUILTIN_MODELS else make_hf_model(name)
 
 
-def _check(name: str, target: str, train: bool) -> None:
+def _check(name: str, target: str, train: bool, device: str = "cpu") -> None:
     model, args = _subject(name)
+    model, args = model.to(device), tuple(a.to(device) for a in args)
     model.train(train)
     ref = copy.deepcopy(model)
     compiled = moec.compile(model, inner="aot_eager", target=target)
     with torch.set_grad_enabled(train):
         out = primary_output(compiled(*args))
         out_ref = primary_output(ref(*args))
+    assert out.device.type == device and convert_model(model).layers, "no MoE layer recognised"
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
     if not train:
         return
@@ -72,3 +75,37 @@ def test_cpu_lowering_matches_eager_with_inductor(name):
     with torch.no_grad():
         torch.testing.assert_close(primary_output(compiled(*args)), primary_output(ref(*args)),
                                    rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# On a CUDA GPU: capture, probes and compiled Triton kernels all on the device
+# ----------------------------------------------------------------------------------------------
+
+_CUDA_CASES = ["mixtral", "deepseek_v3", "qwen3_moe", "gpt_oss", "moe-mlp", "stacked-bmm"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", _CUDA_CASES)
+def test_triton_lowering_on_cuda(triton_here, name, train):
+    """The model and its inputs on the GPU from the start, so capture probes there too: fp32
+    (Triton's dots in IEEE fp32), the same tolerances as the interpreted table above."""
+    _check(name, "triton", train, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_triton_lowering_on_cuda_bf16(triton_here, name):
+    """bf16 end to end (Inductor around moec's kernels): within bf16 rounding of eager in bf16."""
+    model, args = _subject(name)
+    model, args = model.to("cuda", torch.bfloat16), tuple(a.cuda() for a in args)
+    ref = copy.deepcopy(model)
+    compiled = moec.compile(model, target="triton")
+    with torch.no_grad():
+        out = primary_output(compiled(*args)).float()
+        out_ref = primary_output(ref(*args)).float()
+    assert convert_model(model).layers, "no MoE layer recognised on the GPU"
+    err = (out - out_ref).abs().max().item() / out_ref.abs().max().item()
+    assert err <= 2e-2, f"max |moec - eager| / max |eager| = {err:.2e} in bf16"
