@@ -277,7 +277,10 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.device,
-                log: Callable[[str], None]) -> list[dict[str, Any]]:
+                log: Callable[[str], None], save: Callable[[list[dict[str, Any]]], None] = lambda rows: None
+                ) -> list[dict[str, Any]]:
+    """The rows of one shape; ``save(rows)`` after each token count (a run stopped at a time limit
+    keeps what it measured)."""
     dtype = DTYPES[args.dtype]
     el = torch.finfo(dtype).bits // 8
     base = build_block(shape, device=device).to(dtype=dtype)
@@ -350,6 +353,7 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
                 weights = [_hit_weights(b, hit) for b in blocks]
                 record("stream-read", lambda i: [w.sum() for w in weights[i % L]])
         _add_ratios([r for r in rows if r["tokens"] == tokens_n and "median_ms" in r])
+        save(rows)
     return rows
 
 
@@ -362,8 +366,10 @@ def _moec_row(blocks, x, device, target: str = "auto"):
         target = "cpu" if device.type == "cpu" else "triton"
     try:
         torch.compiler.reset()
-        for b in blocks:
-            convert_model(b)
+        found = [convert_model(b, ((x,), {})) for b in blocks][0]
+        if not found.layers:  # never time the layer's own code under moec's name
+            why = "; ".join(f"{f.location}: {f.reason}" for f in found.fallbacks) or "no reason given"
+            return None, None, None, f"moec recognised no MoE layer ({why})"
         fn = moec.compile(lambda blk, inp: blk(inp), inner="inductor", target=target)
         t0 = time.perf_counter()
         out = fn(blocks[0], x)
@@ -536,11 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out if args.out.endswith(".json") else os.path.join(RESULTS_DIR, f"{args.out}.json")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     for name in shapes:
-        rows += bench_shape(name, SHAPES[name], tokens, args, device, log)
+        done = len(rows)
+        save = (lambda new: (rows.__setitem__(slice(done, None), new), _write(doc, path))) if path else (lambda new: None)
+        rows[done:] = bench_shape(name, SHAPES[name], tokens, args, device, log, save)
         if args.ops and device.type == "cpu" and SHAPES[name].family != "deepseek_v3":
             op_rows += bench_ops(name, SHAPES[name], tokens, args, device, log)
-        if path:  # after each shape, so that a run stopped at a time limit keeps what it measured
-            _write(doc, path)
     doc["complete"] = True
     print(format_table(rows))
     if path:

@@ -110,7 +110,7 @@ def _main(out: Any, call: Call) -> Union[tuple[Tensor, int], Declined]:
     return found
 
 
-def _moved_by_random_experts(cand: Candidate, call: Call, main_TH: Tensor) -> Union[Tensor, Declined]:
+def _moved_by_random_experts(cand: Candidate, call: Call, main_TH: Tensor, noise: float) -> Union[Tensor, Declined]:
     """[T, E]: the tokens whose output moves when expert e's tensors take random values (three
     draws: one draw can leave every ReLU unit of an expert off for a token by chance)."""
     gen = torch.Generator().manual_seed(4321)
@@ -118,7 +118,7 @@ def _moved_by_random_experts(cand: Candidate, call: Call, main_TH: Tensor) -> Un
     moved = []
     for e in range(cand.experts.num_experts):
         tensors = expert_slices(cand, e)
-        moved_T = torch.zeros(main_TH.shape[0], dtype=torch.bool)
+        moved_T = torch.zeros(main_TH.shape[0], dtype=torch.bool, device=main_TH.device)
         for _ in range(3):
             values = [(t, torch.randn(t.shape, generator=gen, dtype=torch.float32)
                        * max(t.detach().double().std().item() if t.numel() > 1 else 0.0, 0.1)) for t in tensors]
@@ -126,9 +126,19 @@ def _moved_by_random_experts(cand: Candidate, call: Call, main_TH: Tensor) -> Un
                 out = _main(call_module(cand.module, call), call)
             if isinstance(out, str):
                 return out
-            moved_T |= (out[0].reshape(-1, H) != main_TH).any(-1)
+            moved_T |= (out[0].reshape(-1, H).double() - main_TH.double()).abs().amax(-1) > noise
         moved.append(moved_T)
     return torch.stack(moved, -1)
+
+
+def _noise(module: nn.Module, call: Call, main_TH: Tensor) -> Union[float, Declined]:
+    """How far the same call's output moves between runs: 0 on the CPU, and on a GPU under
+    ``deterministic_on_gpu`` unless an op has no deterministic kernel. Memberships count only
+    moves 64 times above it."""
+    again = _main(call_module(module, call), call)
+    if isinstance(again, str):
+        return again
+    return 64 * (again[0].reshape(main_TH.shape).double() - main_TH.double()).abs().max().item()
 
 
 def observe(cand: Candidate, call: Call) -> Union[Observation, Declined]:
@@ -140,6 +150,9 @@ def observe(cand: Candidate, call: Call) -> Union[Observation, Declined]:
     main, pos = found
     H = call.x.shape[-1]
     main_TH = main.reshape(-1, H)
+    noise = _noise(module, call, main_TH)
+    if isinstance(noise, str):
+        return noise
     with zeroed(t for _, t in expert_tensors(cand)):
         rest = _main(call_module(module, call), call)
     if isinstance(rest, str):
@@ -156,13 +169,13 @@ def observe(cand: Candidate, call: Call) -> Union[Observation, Declined]:
     # An expert a token did not use leaves its output bitwise unchanged; a used one moves it by
     # its routing weight times its output (far above rounding unless the weight is ~0).
     scale_T = (main_TH.double() - rest[0].reshape(-1, H).double()).abs().amax(-1)
-    member_TE = (norms_ET > 1e-7 * scale_T.clamp_min(1e-30)).t() & (norms_ET > 0).t()
+    member_TE = (norms_ET > 1e-7 * scale_T.clamp_min(1e-30)).t() & (norms_ET > noise).t()
     counts = member_TE.sum(-1)
     if bool(counts.any()) and int(counts.min()) < int(counts.max()):
         # Fewer experts for some tokens: capacity drops, or an expert whose output is exactly
         # zero for the token (a ReLU expert with every unit off) so zeroing it moved nothing.
         # Random values instead of the expert's own make a used expert move its tokens.
-        moved = _moved_by_random_experts(cand, call, main_TH)
+        moved = _moved_by_random_experts(cand, call, main_TH, noise)
         if isinstance(moved, str):
             return moved
         member_TE = member_TE | moved

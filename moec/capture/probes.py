@@ -20,8 +20,10 @@ Legend: T tokens, H hidden, B batch, S sequence.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -203,13 +205,34 @@ def probe_call(call: Call, shape, seed: int, scale: float = 1.0, dtype=None) -> 
 
 
 def call_module(fn: Callable, call: Call, grad: bool = False) -> Union[Any, Declined]:
-    """``fn(*call.args, **call.kwargs)``; an exception becomes the reason string."""
+    """``fn(*call.args, **call.kwargs)``; an exception becomes the reason string. On a GPU the
+    call runs with torch's deterministic kernels (``deterministic_on_gpu``)."""
     try:
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), deterministic_on_gpu(call.x):
             # Objects a call may change (a KV cache it appends to) are copied for each call.
             return fn(*copied(call.args), **copied(call.kwargs))
     except Exception as err:  # a module rejecting a probe is a reason, not a crash
         return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+
+
+@contextlib.contextmanager
+def deterministic_on_gpu(x: Tensor):
+    """torch's deterministic kernels while a probe runs on a GPU. CUDA's ``index_add_`` (the
+    loop-over-experts idiom's accumulate) adds with atomics, in another order on each run; capture
+    tells which experts a token used by which outputs change bitwise when one expert is zeroed, so
+    run-to-run noise would read as membership. ``warn_only``: an op without a deterministic kernel
+    still runs (its noise is caught by the noise floor ``observe`` measures). On the CPU nothing
+    changes: its kernels are deterministic already."""
+    if not (isinstance(x, Tensor) and x.device.type == "cuda") or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cuBLAS without CUBLAS_WORKSPACE_CONFIG, ops with no such kernel
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(False)
 
 
 def _hidden_shaped(o: Any, like: Tensor) -> bool:

@@ -55,11 +55,24 @@ def _observation_tokens(E: int) -> int:
     return min(128, max(32, 4 * E))
 
 
+def copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` with its floating tensors in ``dtype``, made tensor by tensor: no
+    copy in the module's own dtype first (a full-size bf16 DeepSeek-V3 layer is 22 GB)."""
+    memo: dict = {}
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if id(t) in memo:
+                continue
+            v = t.detach().to(dtype, copy=True) if t.is_floating_point() else t.detach().clone()
+            memo[id(t)] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
+    return copy.deepcopy(module, memo)
+
+
 def _as_float32(cand: Candidate, call: Call) -> tuple[Candidate, Call]:
     """The layer and call in float32 (a copy), for observing a half-precision layer."""
     if call.x.dtype == torch.float32:
         return cand, call
-    module = copy.deepcopy(cand.module).float()
+    module = copy_as(cand.module, torch.float32)
 
     def up(v):
         return v.float() if isinstance(v, Tensor) and v.is_floating_point() else v
@@ -707,7 +720,7 @@ def verify(plan: BlockPlan, module: nn.Module, calls: list[Call], full: bool) ->
 def _twin_output(module: nn.Module, probe: Call) -> Any:
     """The output of a float64 copy of ``module`` on ``probe`` (None when it cannot run so)."""
     try:
-        twin = copy.deepcopy(module).double()
+        twin = copy_as(module, torch.float64)
     except Exception:
         return None
     out = call_module(twin, probe.with_x(probe.x.double()))
@@ -749,7 +762,7 @@ def _grad_mismatch(module: nn.Module, fwd, call: Call, tol: float) -> Optional[s
             continue
         if call.x.dtype != torch.float64:
             if exact is None:
-                twin = copy.deepcopy(module).double()
+                twin = copy_as(module, torch.float64)
                 exact = _grads_of(twin, call.with_x(call.x.double()), [p for p in twin.parameters() if p.requires_grad])
             if not isinstance(exact, str) and exact[i] is not None and as_accurate(got, want, exact[i]):
                 continue
