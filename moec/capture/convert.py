@@ -109,8 +109,11 @@ def convert_model(root: nn.Module, example: Optional[tuple[tuple, dict]] = None,
         if not layer.needs(layer_calls) or _covered(layer, state):
             continue
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            _convert(layer, state, layer_calls)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                _convert(layer, state, layer_calls)
+        except Exception as err:  # capture's own failure leaves the layer to its own code, with the reason
+            _failed(layer, err)
         layer.tried |= {signature_of(c) for c in layer_calls}
         layer.calls = layer_calls
         layer.seconds += time.perf_counter() - start
@@ -140,6 +143,19 @@ def _calls(root: nn.Module, state: _State, rerun) -> dict[str, list[Call]]:
             # Recorded, yet never called with a hidden state: its parts are used some other way.
             cand.__dict__["not_called"] = bool(recorded) or state.recorded
     return out
+
+
+def _failed(layer: _Layer, err: Exception) -> None:
+    what = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    if isinstance(err, torch.OutOfMemoryError):
+        size = sum(t.numel() * t.element_size() for _, t in expert_tensors(layer.cand)) / 2**30
+        what = (f"capture ran out of memory ({what}); observing a layer takes a float32 copy of it when it "
+                f"is in half precision, and its experts hold {size:.1f} GiB: capture it where more memory is "
+                "free (before other copies of the model are made)")
+    if layer.record is None and layer.plan is None:
+        _left_alone(layer, f"capture failed: {what}")
+    else:
+        layer.notes.append(Fallback(layer.cand.name or "<root>", f"capture failed on a new call: {what}"))
 
 
 def _left_alone(layer: _Layer, why: str) -> None:
@@ -490,8 +506,8 @@ def _try_components(cand: Candidate) -> Union[tuple[MoELayer, list[Fallback]], s
     x_probe = rec._probe_x((5, H), like, 77)
     stochastic = _stochastic(module, router, lambda: (x_probe,))
     if not stochastic:
-        idx = torch.arange(5 * r.spec.top_k).reshape(5, r.spec.top_k) % E
-        w = torch.full((5, r.spec.top_k), 0.5, dtype=like.dtype)
+        idx = torch.arange(5 * r.spec.top_k, device=like.device).reshape(5, r.spec.top_k) % E
+        w = torch.full((5, r.spec.top_k), 0.5, dtype=like.dtype, device=like.device)
         args = (x_probe, idx, w) if interface == "index" else (
             x_probe, torch.nn.functional.one_hot(idx[:, :1], E).reshape(5, 1, E), w[:, :1])
         stochastic = _stochastic(module, experts, lambda: args)

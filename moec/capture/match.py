@@ -591,8 +591,8 @@ def _multiples(pairs, ys, contrib_ETH: Tensor, member_TE: Tensor, scale_T: Tenso
                give_up: float) -> tuple[float, Tensor, Tensor]:
     """(error, multiples [T, E], their uncertainty [T, E]) of one form's expert outputs ``ys``
     (one per (rows, expert) pair); stops reading ``ys`` once the error passes ``give_up``."""
-    weights_TE = torch.zeros(member_TE.shape, dtype=torch.float64)
-    unc_TE = torch.zeros(member_TE.shape, dtype=torch.float64)
+    weights_TE = torch.zeros(member_TE.shape, dtype=torch.float64, device=contrib_ETH.device)
+    unc_TE = torch.zeros(member_TE.shape, dtype=torch.float64, device=contrib_ETH.device)
     err = 0.0
     for (rows, e), y in zip(pairs, ys):
         c = contrib_ETH[e, rows]
@@ -722,7 +722,8 @@ def match_rest(rest_TH: Tensor, x_TH: Tensor, xp_TH: Tensor, x_shape, branches: 
             A = torch.stack([v.reshape(-1) for _, v in subset], dim=1)
             b = rest_TH.double().reshape(-1)
             coef = torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1)
-            coef = torch.tensor([1.0 if abs(c - 1) < 1e-4 else c for c in coef.tolist()], dtype=torch.float64)
+            coef = torch.tensor([1.0 if abs(c - 1) < 1e-4 else c for c in coef.tolist()], dtype=torch.float64,
+                                device=A.device)
             err = ((A @ coef - b).abs().max() / scale).item()
             best_err = min(best_err, err)
             if err <= tol and all(abs(c) > 1e-6 for c in coef.tolist()):
@@ -776,7 +777,7 @@ def dense_ffn(module: nn.Module, H: int, floats: set[float]) -> Optional[tuple[F
         return None
     like = named[0][1]
     g = torch.Generator().manual_seed(21)
-    probes = [(torch.randn(9, H, generator=g, dtype=torch.float64) * s).to(like.dtype) for s in (1.0, 30.0)]
+    probes = [(torch.randn(9, H, generator=g, dtype=torch.float64) * s).to(like.device, like.dtype) for s in (1.0, 30.0)]
     with torch.no_grad():
         try:
             wants = [module(x) for x in probes]

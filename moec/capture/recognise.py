@@ -387,7 +387,7 @@ def _kept(idx: Tensor, E: int) -> Tensor:
     """[T, E]: which experts each token kept (dropped slots, -1, go to a spare column)."""
     idx = idx.reshape(-1, idx.shape[-1])
     slots = torch.where(idx >= 0, idx, E)
-    return torch.zeros(idx.shape[0], E + 1, dtype=torch.bool).scatter_(-1, slots, True)[:, :E]
+    return torch.zeros(idx.shape[0], E + 1, dtype=torch.bool, device=idx.device).scatter_(-1, slots, True)[:, :E]
 
 
 def _token_choice_drops(logits_TE, member, corrections, ints, floats, call,
@@ -777,7 +777,7 @@ def _grads_of(fn, call: Call, params: list[Tensor]) -> Union[tuple, str]:
     found = main_output(out, x) if not isinstance(out, str) else None
     if found is None:
         return f"no output to differentiate: {out if isinstance(out, str) else type(out).__name__}"
-    r = torch.randn(found[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    r = torch.randn(found[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(found[0].device)
     loss = (found[0].double() * r).sum()
     return torch.autograd.grad(loss, [x, *params], allow_unused=True)
 
@@ -806,7 +806,7 @@ def _routing_probe(T: int, E: int, K: int, like: Tensor, seed: int, hidden: int)
     x = (torch.randn(T, hidden, generator=g, dtype=torch.float64)).to(like.dtype)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     w = torch.rand(T, K, generator=g, dtype=torch.float64).to(like.dtype)
-    return x, idx, w
+    return x.to(like.device), idx.to(like.device), w.to(like.device)
 
 
 def recognise_experts_module(cand: Candidate, top_k: int):

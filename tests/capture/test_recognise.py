@@ -276,3 +276,62 @@ def test_a_capacity_that_drops_every_second_choice_on_one_probe_is_still_top_2()
     (layer,) = report.moe_layers
     assert (layer.num_experts, layer.top_k, layer.capacity) == (E, 2, 1), (layer, report.fallbacks)
     assert "choice_first" in layer.router
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), torch.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                                                 "allocate 28.00 GiB")])
+def test_capture_failing_leaves_the_layer_alone_with_the_reason(monkeypatch, error):
+    """An exception inside capture (a GPU out of memory on a full-size layer, say) is that layer's
+    fallback reason, not the end of compiling the model; the layer runs its own code."""
+    from moec.capture import convert as convert_mod
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(convert_mod, "recognise", fail)
+    model, ref = Layer().eval(), Layer().eval()
+    x = torch.randn(2, 8, H)
+    result = convert_model(model, ((x,), {}))
+    assert result.layers == []
+    (note,) = result.fallbacks
+    assert "left alone: capture failed" in note.reason and type(error).__name__ in note.reason
+    if isinstance(error, torch.OutOfMemoryError):
+        assert "GiB" in note.reason and "float32 copy" in note.reason
+    assert convert_model(model, ((x,), {})) is result  # asked again: the same answer, never None
+    torch.testing.assert_close(moec.compile(model)(x), ref(x), rtol=0, atol=0)
+
+
+def test_copies_in_another_dtype_share_nothing_with_the_layer():
+    layer = Layer().to(torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        twin = recognise_mod.copy_as(layer, dtype)
+        for (name, p), (_, q) in zip(layer.named_parameters(), twin.named_parameters()):
+            assert q.dtype == dtype and isinstance(q, nn.Parameter) and q.data_ptr() != p.data_ptr(), name
+            torch.testing.assert_close(q.float(), p.float(), rtol=0, atol=0)
+        with torch.no_grad():
+            twin.w_in.zero_()
+        assert layer.w_in.abs().sum() > 0
+
+
+def test_run_to_run_noise_is_not_read_as_routing(monkeypatch):
+    """A layer whose output wobbles in the last bits between identical calls (CUDA's atomic adds in
+    ``index_add_`` do, on a GPU) is still recognised: memberships must move the output past the
+    noise floor measured by calling it twice."""
+    model, ref = Layer().eval(), Layer().eval()
+    forward = Layer.forward
+    calls = [0]
+
+    def wobbly(self, x):
+        calls[0] += 1
+        out = forward(self, x)
+        if torch.compiler.is_compiling():
+            return out
+        return out * (1 + 2e-7 * (calls[0] % 3 - 1))  # a few ulps, different on each call
+
+    monkeypatch.setattr(Layer, "forward", wobbly)
+    x = torch.randn(2, 8, H)
+    report = moec.inspect(model, x)
+    (layer,) = report.moe_layers
+    assert (layer.num_experts, layer.top_k, layer.router) == (E, K, "softmax_topk")
+    monkeypatch.setattr(Layer, "forward", forward)
+    torch.testing.assert_close(moec.compile(model)(x), ref(x))
