@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import moec
 from moec.cli.main import main
@@ -236,3 +237,40 @@ def test_codegen_all_layers_and_bad_layer(capsys):
     assert out.count("# moec codegen builtin:shared-expert --layer") == 2
     rc = main(["codegen", "builtin:shared-expert", "--layer", "7"])
     assert_user_error(rc, capsys.readouterr().err, "--layer 7", "2 MoE layers")
+
+
+def _bf16_bench():
+    from moec.cli import bench
+    from moec.models.spec import load_spec
+
+    model, args, _ = load_spec("builtin:moe-mlp")
+    settings = bench.BenchSettings(tokens=(64,), repeat=1, warmup=0, train=True, backends=("eager", "moec"))
+    args = tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in args)
+    return bench.run_bench(model.to(torch.bfloat16), args, settings)
+
+
+def test_bench_in_bf16_judges_against_a_float32_copy():
+    """bf16 training: the rows carry their RMS error against a float32 copy of the model, and moec
+    passes when it is about as accurate as eager there (eager is no oracle in bf16)."""
+    doc = _bf16_bench()
+    eager, moec_row = doc["results"]
+    assert 0 < eager["fp32_rms_err"] < 0.2 and moec_row["fp32_rms_err"] < 0.2
+    assert moec_row["ok"], moec_row
+    from moec.cli.bench import format_table
+
+    assert "float32 copy" in format_table(doc)
+
+
+def test_bench_in_bf16_still_catches_a_wrong_backend(monkeypatch):
+    from moec.cli import bench
+
+    def top_1(module):  # a "backend" that drops every token's second expert: wrong, not noisy
+        for layer in module.modules():
+            if hasattr(layer, "route") and hasattr(layer, "top_k"):
+                layer.top_k = 1
+        return module
+
+    monkeypatch.setattr(bench, "_compilers", lambda settings: {"moec": top_1})
+    doc = _bf16_bench()
+    eager, wrong = doc["results"]
+    assert not wrong["ok"] and wrong["fp32_rms_err"] > 4 * eager["fp32_rms_err"], (eager, wrong)

@@ -141,6 +141,31 @@ ACT_CASES = [
 ]
 
 
+_KINKS = {  # activation -> (on the gate, on the linear half): where the derivative jumps
+    "clamped_swiglu": ("gate", "clamp"), "swiglu_limit": ("gate", "clamp"), "swiglu_limit_post": ("silu", "clamp"),
+}
+
+
+def near_a_kink(x, token, counts, w, b, act, transposed, interleaved, alpha, limit):
+    """[N, I]: outputs whose pre-activation lies within rounding of a clamp's limit (None for an
+    activation without clamps). Two fp32 computations that sum in another order put such a value
+    on different sides of the limit, and its gradient then jumps by the whole derivative (the fp32
+    oracle against a float64 one, at 333 tokens, H = I = 2880, clamped SwiGLU at limit 0.8: 2e-2
+    of the weight gradient's scale). The backward checks give these outputs no incoming gradient; the clamps still bite elsewhere."""
+    if act not in _KINKS:
+        return None
+    with torch.no_grad():
+        experts = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
+        w64 = w.double() if transposed else w.double().transpose(1, 2)
+        h = torch.cat([x.double()[token[experts == e]] @ w64[e] for e in range(counts.numel())])
+        if b is not None:
+            h = h + b.double()[experts]
+        gate, up = (h[:, ::2], h[:, 1::2]) if interleaved else h.chunk(2, dim=-1)
+        delta = max(8 * torch.finfo(x.dtype).eps * limit, 1e-5 * h.abs().max().item())
+        on_gate = {"gate": gate, "silu": torch.nn.functional.silu(gate)}[_KINKS[act][0]]
+        return ((on_gate - limit).abs() <= delta) | ((up.abs() - limit).abs() <= delta)
+
+
 def check_gemm_act(T, H, I, E, K, mode, act, transposed, interleaved, bias, dtype=torch.float32, limit=0.8):
     idx, counts, token, slot = routing(T, E, K, mode)
     x = rand(T, H, dtype=dtype, grad=True)
@@ -154,6 +179,9 @@ def check_gemm_act(T, H, I, E, K, mode, act, transposed, interleaved, bias, dtyp
     rel = REL[dtype]
     assert_close_rel(out, ref, rel, "a")
     go = torch.randn_like(ref)
+    kinks = near_a_kink(x, token, counts, w, b, *attrs)
+    if kinks is not None:
+        go = go.masked_fill(kinks, 0.0)
     g_ref = grads(lambda: torch.ops.moec.grouped_gemm_act(x, token, counts, w, b, *attrs), [x, w, b], go)
     g_out = grads(lambda: ops().grouped_gemm_act(x, token, counts, w, b, *attrs), [x, w, b], go)
     for name, g1, g0 in zip(("d_x", "d_w", "d_b"), g_out, g_ref):
