@@ -64,7 +64,10 @@ def copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:
             if id(t) in memo:
                 continue
             v = t.detach().to(dtype, copy=True) if t.is_floating_point() else t.detach().clone()
-            memo[id(t)] = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
+            v = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
+            if t.is_floating_point():  # what ``observe.zeroed`` restores the copy from
+                v._moec_source, v._moec_versions = t, (v._version, t._version)
+            memo[id(t)] = v
     return copy.deepcopy(module, memo)
 
 

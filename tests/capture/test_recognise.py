@@ -335,3 +335,27 @@ def test_run_to_run_noise_is_not_read_as_routing(monkeypatch):
     assert (layer.num_experts, layer.top_k, layer.router) == (E, K, "softmax_topk")
     monkeypatch.setattr(Layer, "forward", forward)
     torch.testing.assert_close(moec.compile(model)(x), ref(x))
+
+
+def test_zeroing_a_half_precision_layers_copy_restores_from_the_layer(monkeypatch):
+    """Observing a bf16 layer zeroes its float32 copy's experts and restores them from the bf16
+    tensors (exact), not from a clone: one float32 copy of the experts in memory, not two. A copy
+    written since it was made is restored from a clone."""
+    from moec.capture import observe
+
+    layer = Layer().to(torch.bfloat16)
+    twin = recognise_mod.copy_as(layer, torch.float32)
+    clones = []
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t.shape) or clone(t, *a, **k))
+    for _ in range(2):
+        with observe.zeroed([twin.w_in, twin.w_out]):
+            assert twin.w_in.abs().sum() == 0
+        assert clones == []
+        torch.testing.assert_close(twin.w_in, layer.w_in.float(), rtol=0, atol=0)
+    with torch.no_grad():
+        twin.w_in.mul_(2)
+    with observe.zeroed([twin.w_in]):
+        pass
+    assert clones == [twin.w_in.shape]
+    torch.testing.assert_close(twin.w_in, 2 * layer.w_in.float(), rtol=0, atol=0)
