@@ -9,13 +9,15 @@ seconds, limit and output tail, and the results the benchmark steps wrote (``lay
 output. A step that fails or runs past its limit is recorded and the next one runs; the exit
 status is 1 if any step failed, else 0.
 
-Steps (real mode: CUDA, bf16, full-size layers; their limits add up to 550 s):
+Steps (real mode: CUDA, bf16, full-size layers; their limits add up to 560 s):
 
 1. ``install``   ``pip install --no-deps --no-build-isolation -e .`` (offline; the image has
                  torch, triton, transformers, networkx, sympy, pytest). If it fails the other
                  steps import moec from the checkout (``PYTHONPATH``), and the record says so.
-2. ``gpu-tests`` ``pytest -m gpu tests/codegen`` (the tests that need a CUDA GPU: full-size kernels,
-                 and HF and hand-written models captured, probed and lowered to Triton on the GPU).
+2. ``gpu-tests`` ``pytest -m gpu tests/codegen/test_lowered_models.py``: HF and hand-written models
+                 captured, probed and lowered to Triton on the GPU.
+   ``gpu-kernels`` ``pytest -m gpu tests/codegen/test_triton_kernels.py``: full-size kernels against
+                 the moec oracle.
 3. ``layers``    ``benchmarks/moe_layer.py`` at the Mixtral-8x7B, DeepSeek-V3 and Qwen3-30B-A3B
                  shapes, bf16, 128 / 2048 / 8192 tokens: HF eager, HF grouped_mm, Inductor, moec.
 4. ``decode``    the same at 1 / 8 / 64 tokens for Mixtral and DeepSeek-V3 with the weight-read
@@ -42,13 +44,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
 
+# The gpu tests in two steps, each under its own limit, so that a slow one cannot take the
+# other's failure summary with it (on the H200 the single step was cut before pytest's summary).
+_PYTEST_GPU = [PY, "-m", "pytest", "-q", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider", "-rfE", "--tb=short",
+               "--durations=10"]
+
+
 def steps(out: str, dry: bool) -> list[tuple[str, list[str], int]]:
     """(name, command, limit in seconds) of each step."""
     layer = [PY, "benchmarks/moe_layer.py", "--backends"]
     if dry:
         return [
-            ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider",
-                           "tests/codegen/test_triton_kernels.py"], 120),
+            ("gpu-tests", _PYTEST_GPU + ["tests/codegen/test_lowered_models.py"], 120),
+            ("gpu-kernels", _PYTEST_GPU + ["tests/codegen/test_triton_kernels.py"], 120),
             ("layers", layer + ["hf-eager,hf-grouped_mm,moec", "--device", "cpu", "--dtype", "float32",
                                 "--target", "triton", "--shapes", "tiny-mixtral", "tiny-deepseek", "tiny-qwen",
                                 "--tokens", "4", "--repeat", "1", "--warmup", "0", "--hot",
@@ -63,11 +71,11 @@ def steps(out: str, dry: bool) -> list[tuple[str, list[str], int]]:
     return [
         ("install", [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."],
          30),
-        ("gpu-tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider", "-rfE",
-                       "--tb=short", "tests/codegen"], 220),
+        ("gpu-tests", _PYTEST_GPU + ["tests/codegen/test_lowered_models.py"], 130),
+        ("gpu-kernels", _PYTEST_GPU + ["tests/codegen/test_triton_kernels.py"], 110),
         ("layers", layer + ["hf-eager,hf-grouped_mm,moec,inductor", "--device", "cuda", "--dtype", "bfloat16",
                             "--shapes", "mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "--tokens", "128", "2048",
-                            "8192", "--repeat", "10", "--warmup", "2", "--out", os.path.join(out, "layers.json")], 190),
+                            "8192", "--repeat", "10", "--warmup", "2", "--out", os.path.join(out, "layers.json")], 180),
         ("decode", layer + ["hf-eager,hf-grouped_mm,moec,stream-read", "--device", "cuda", "--dtype", "bfloat16",
                             "--shapes", "mixtral-8x7b", "deepseek-v3", "--tokens", "1", "8", "64", "--repeat", "20",
                             "--warmup", "3", "--out", os.path.join(out, "decode.json")], 60),

@@ -25,7 +25,7 @@ def test_gpu_check_dry_run(tmp_path):
     done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--dry-run"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:]
-    for step in ("gpu-tests", "layers", "decode", "train"):
+    for step in ("gpu-tests", "gpu-kernels", "layers", "decode", "train"):
         assert f"{step}: ok" in done.stdout, done.stdout
     doc = json.loads((tmp_path / "gpu-check.json").read_text())
     assert doc["mode"] == "dry-run" and doc["failed"] == [] and doc["device"].startswith("cpu")
