@@ -277,10 +277,9 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.device,
-                log: Callable[[str], None], save: Callable[[list[dict[str, Any]]], None] = lambda rows: None
-                ) -> list[dict[str, Any]]:
-    """The rows of one shape; ``save(rows)`` after each token count (a run stopped at a time limit
-    keeps what it measured)."""
+                log: Callable[[str], None], rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
+    """Appends the rows of one shape to ``rows``, calling ``save()`` after each token count (a run
+    stopped at a time limit keeps what it measured)."""
     dtype = DTYPES[args.dtype]
     el = torch.finfo(dtype).bits // 8
     base = build_block(shape, device=device).to(dtype=dtype)
@@ -288,7 +287,6 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
     log(f"{name}: {L} cop{'y' if L == 1 else 'ies'} of the block ({L * expert_bytes(shape, el) * shape.experts / 1e6:.0f} MB "
         f"of expert weights), {'hot' if args.hot else 'cold'}")
     blocks = [base] + [copy.deepcopy(base) for _ in range(L - 1)]
-    rows: list[dict[str, Any]] = []
     wanted = set(args.backends.split(","))
 
     # Compiled callables take the block as an argument so every copy shares one compiled graph.
@@ -352,9 +350,8 @@ def bench_shape(name: str, shape: Shape, tokens: list[int], args, device: torch.
             if "stream-read" in wanted:
                 weights = [_hit_weights(b, hit) for b in blocks]
                 record("stream-read", lambda i: [w.sum() for w in weights[i % L]])
-        _add_ratios([r for r in rows if r["tokens"] == tokens_n and "median_ms" in r])
-        save(rows)
-    return rows
+        _add_ratios([r for r in rows if r["shape"] == name and r["tokens"] == tokens_n and "median_ms" in r])
+        save()
 
 
 def _moec_row(blocks, x, device, target: str = "auto"):
@@ -542,9 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out if args.out.endswith(".json") else os.path.join(RESULTS_DIR, f"{args.out}.json")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     for name in shapes:
-        done = len(rows)
-        save = (lambda new: (rows.__setitem__(slice(done, None), new), _write(doc, path))) if path else (lambda new: None)
-        rows[done:] = bench_shape(name, SHAPES[name], tokens, args, device, log, save)
+        bench_shape(name, SHAPES[name], tokens, args, device, log, rows, lambda: path and _write(doc, path))
         if args.ops and device.type == "cpu" and SHAPES[name].family != "deepseek_v3":
             op_rows += bench_ops(name, SHAPES[name], tokens, args, device, log)
     doc["complete"] = True

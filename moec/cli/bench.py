@@ -206,13 +206,18 @@ def _error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return max_abs, (max_abs / scale if scale > 0 else max_abs)
 
 
-def _float32_truth(model: nn.Module, inputs: tuple, train: bool) -> tuple[torch.Tensor, dict] | None:
-    """A float32 copy's output (and parameter gradients in training) on ``inputs``, for a model
-    in bf16 or fp16; None otherwise."""
+def _float32_twin(model: nn.Module) -> nn.Module | None:
+    """A float32 copy of a model in bf16 or fp16 (made tensor by tensor); None otherwise."""
+    from moec.capture.recognise import copy_as
+
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    if dtype not in (torch.bfloat16, torch.float16):
+    return copy_as(model, torch.float32) if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _float32_truth(twin: nn.Module | None, inputs: tuple, train: bool) -> tuple[torch.Tensor, dict] | None:
+    """The float32 twin's output (and parameter gradients in training) on ``inputs``."""
+    if twin is None:
         return None
-    twin = copy.deepcopy(model).float()
     up = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inputs)
     out = _step(twin, twin, up, train)
     return out, {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
@@ -295,13 +300,14 @@ def _run_bench(model: nn.Module, args: tuple, settings: BenchSettings, *, name: 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     toolchain_s = _warm_toolchain(settings, device, log)
     copies = {b: copy.deepcopy(model) for b in settings.backends if b != "eager"}
+    twin = _float32_twin(model)
     compilers = _compilers(settings)
     results: list[dict[str, Any]] = []
     for tokens in settings.tokens:
         generator = torch.Generator().manual_seed(tokens)
         inputs = resize_args(model, args, tokens, generator)
         ref_out = None
-        truth = _float32_truth(model, inputs, settings.train)  # None unless the model is half precision
+        truth = _float32_truth(twin, inputs, settings.train)  # None unless the model is half precision
         eager_err = None
         # Eager first: it is the reference the others are checked against.
         for backend in [b for b in BACKENDS if b in settings.backends]:
