@@ -56,6 +56,9 @@ class Candidate:
     router: str  # parameter path relative to ``module``
     router_transposed: bool  # the weight is [H, E] (used as x @ w) rather than [E, H]
     hidden: int
+    # "product_key": the router weight is [2n, H] (E = n^2) and an expert's score is the sum of
+    # two key scores; ``recognise`` finds which of ``specs.PRODUCT_KEY_MAPS`` the layer computes.
+    logit_map: str = ""
 
 
 @dataclasses.dataclass
@@ -245,7 +248,8 @@ def find_candidates(root: nn.Module) -> tuple[list[Candidate], list[Orphan]]:
                if not any(_is_under(layer, path) or _is_under(path, layer) for layer in layers)
                and (g.layout != "modules" or g.num_experts >= 3)]
     orphans += _unread_stacks(root, [*layers, *(o.name for o in orphans)])
-    orphans += _product_key_tables(root, [*layers, *(o.name for o in orphans)])
+    keyed, keyed_orphans = _product_key_tables(root, [o.name for o in orphans])
+    orphans += [o for o in keyed_orphans if not any(_is_under(o.name, l) or _is_under(l, o.name) for l in layers)]
     out = []
     for name in sorted(found, key=lambda n: order[n]):
         ranked = [c for _, c in sorted(found[name], key=lambda kc: kc[0])]
@@ -260,6 +264,22 @@ def find_candidates(root: nn.Module) -> tuple[list[Candidate], list[Orphan]]:
         if rid not in deepest or _depth(c.name) > _depth(deepest[rid]):
             deepest[rid] = c.name
     out = [c for c in out if deepest[id(c.module.get_parameter(c.router))] == c.name]
+    # A product-key layer's tables also read as flat experts ([E, H] as E / 2 experts of two
+    # rows) routed by its [2n, H] projection: the product-key reading goes first, the others stay
+    # its alternatives.
+    by_name = {c.name: i for i, c in enumerate(out)}
+    for c in keyed:
+        if c.name in by_name:
+            old = out[by_name[c.name]]
+            if old.module.get_parameter(old.router) is c.module.get_parameter(c.router):
+                c.__dict__["alternatives"] = [old, *old.__dict__.pop("alternatives", [])]
+                out[by_name[c.name]] = c
+            else:  # another weight routes the layer as it reads: the product-key reading last
+                old.__dict__.setdefault("alternatives", []).append(c)
+        elif not any(_is_under(c.name, l) or _is_under(l, c.name) for l in layers):
+            c.__dict__["alternatives"] = []
+            out.append(c)
+    out = sorted(out, key=lambda c: order[c.name])
     return out, orphans
 
 
@@ -314,11 +334,12 @@ def _unread_stacks(root: nn.Module, covered: list[str]) -> list[Orphan]:
     return out
 
 
-def _product_key_tables(root: nn.Module, covered: list[str]) -> list[Orphan]:
-    """Modules whose own or children's parameters hold two or more [E, H] tables with E = n^2
-    and a projection H -> 2n beside them: single-row experts behind product-key routing (Doge's
-    CDMoE, PEER), which moec's router vocabulary does not have. Reported, never silent."""
-    out = []
+def _product_key_tables(root: nn.Module, covered: list[str]) -> tuple[list[Candidate], list[Orphan]]:
+    """Modules whose own or children's parameters hold two [E, H] tables with E = n^2 and a
+    projection H -> 2n beside them: single-row experts behind product-key routing (Doge's
+    CDMoE, PEER): a candidate whose logits are sums of two key scores (``logit_map``). More than
+    two such tables are reported, never silent."""
+    cands, orphans = [], []
     for path, module in root.named_modules():
         if any(_is_under(path, c) or _is_under(c, path) for c in covered):
             continue
@@ -328,14 +349,19 @@ def _product_key_tables(root: nn.Module, covered: list[str]) -> list[Orphan]:
             if E < 4 or n * n != E:
                 continue
             tables = [t for t, shape in params if shape == (E, H)]
-            keys = [t for t, shape in params if shape in ((2 * n, H), (H, 2 * n))]
-            if len(tables) >= 2 and keys:
-                out.append(Orphan(path, E, "rows", (
+            keys = [(t, shape == (H, 2 * n)) for t, shape in params if shape in ((2 * n, H), (H, 2 * n))]
+            if len(tables) == 2 and keys:
+                group = ExpertGroup("", E, "flat", tables, frozenset({H}))
+                cands.append(Candidate(path, module, group, keys[0][0], keys[0][1], H, logit_map="product_key"))
+                covered = [*covered, path]
+            elif len(tables) > 2 and keys:
+                orphans.append(Orphan(path, E, "rows", (
                     f"looks like a product-key MoE layer ({E} single-row experts in {', '.join(tables)}, "
-                    f"a projection {keys[0]} to 2 x {n} key scores) but was left alone: router: product-key "
-                    "routing (top-k over sums of two key scores) is not in moec's router vocabulary")))
+                    f"a projection {keys[0][0]} to 2 x {n} key scores) but was left alone: experts: more than two "
+                    "[E, H] tables, so which two are the experts' input and output rows is not known")))
+            if len(tables) >= 2 and keys:
                 break
-    return out
+    return cands, orphans
 
 
 def _pairings(root: nn.Module, path: str, g: ExpertGroup, routers: list[tuple[str, Tensor]]) -> list[Candidate]:

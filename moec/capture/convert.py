@@ -400,7 +400,9 @@ def _record(cand: Candidate, plan: BlockPlan) -> MoELayer:
     form = plan.ffn
     shared = 0
     for term in plan.terms:
-        if term.source == "module":
+        if term.source == "ffn":  # an MLP of the layer's own projections beside rank-one experts (Doge)
+            shared += 1
+        elif term.source == "module":
             # A shared MLP of width n*I counts as n shared experts (DeepSeek's n_shared_experts).
             width = term.ffn.inter if term.ffn is not None else 0
             shared += width // form.inter if width and form.inter and width % form.inter == 0 else 1

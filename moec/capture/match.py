@@ -667,10 +667,13 @@ class Term:
     gate: Optional[str] = None  # layer-relative path of a width-1 projection module
     coef: float = 1.0
     ffn: Optional["FFNForm"] = None  # the module is this FFN: emitted as ``moec::shared_expert``
+    # source "ffn": an MLP made of the layer's own projections (sibling Linears), these
+    # layer-relative parameter paths in ``ffn``'s order.
+    params: tuple = ()
 
     def describe(self) -> str:
-        what = {"input": "the input (residual)", "tensor": f"{self.module} (a bias)"}.get(self.source,
-                                                                                    f"{self.module}(x')")
+        what = {"input": "the input (residual)", "tensor": f"{self.module} (a bias)",
+                "ffn": f"MLP({', '.join(self.params)})(x')"}.get(self.source, f"{self.module}(x')")
         gate = f"sigmoid({self.gate}(x')) * " if self.gate else ""
         coef = "" if self.coef == 1.0 else f"{self.coef:g} * "
         return coef + gate + what
@@ -754,10 +757,15 @@ def vectors_E(module: nn.Module, E: int, skip: set[int]) -> dict[str, Tensor]:
     return {n: t for n, t in named if t.dim() == 1 and t.shape[0] == E and t.is_floating_point() and id(t) not in skip}
 
 
-def router_logits(cand: Candidate, xp_TH: Tensor, bias: Optional[Tensor]) -> Tensor:
+def router_logits(cand: Candidate, xp_TH: Tensor, bias: Optional[Tensor], logit_map: str = "") -> Tensor:
+    """[T, E] float64 logits of x' (``logit_map``: one of ``specs.PRODUCT_KEY_MAPS`` for a
+    product-key candidate, whose weight projects to 2n key scores)."""
+    from moec.capture.specs import product_key_scores
+
     w = cand.module.get_parameter(cand.router).double()
     w_EH = w.t() if cand.router_transposed else w
-    return F.linear(xp_TH.double(), w_EH, None if bias is None else bias.double())
+    proj = F.linear(xp_TH.double(), w_EH, None if bias is None else bias.double())
+    return product_key_scores(proj, logit_map) if logit_map else proj
 
 
 def expert_ids(cand: Candidate) -> set[int]:
@@ -803,3 +811,37 @@ def _close_rel(a: Tensor, b: Tensor) -> bool:
     tol = 2e-2 if b.dtype in (torch.bfloat16, torch.float16) else 1e-4
     scale = max(b.abs().max().item(), 1e-12)
     return bool(((a.double() - b.double()).abs() <= tol * scale).all())
+
+
+def sibling_ffns(module: nn.Module, H: int, skip: set[int], floats: set[float],
+                 xp_TH: Tensor) -> list[tuple[FFNForm, list[str], Tensor]]:
+    """MLPs made of the layer's own projections (Doge's shared ``gate_proj``, ``up_proj`` and
+    ``down_proj`` beside its experts, no module of their own): every FFN form that 2 or 3 of its
+    direct children, each one matrix with one side H and an optional bias, can make, with the
+    parameter names and its float64 output on ``xp_TH``. Children in ``skip`` are left out."""
+    linear = []
+    for name, child in module.named_children():
+        named = list(child.named_parameters())
+        if id(child) in skip or any(id(sub) in skip for sub in child.modules()) or not named or len(named) > 2:
+            continue
+        mats = [p for _, p in named if p.dim() == 2]
+        if len(mats) != 1 or H not in mats[0].shape or any(p.dim() > 2 for _, p in named):
+            continue
+        linear.append([f"{name}.{n}" for n, _ in named])
+    out = []
+    for count in (3, 2):
+        for group in itertools.combinations(linear, count):
+            names = [n for names in group for n in names]
+            tensors = [module.get_parameter(n) for n in names]
+            forms = ffn_candidates([tuple(t.shape) for t in tensors], H, floats)
+            built: dict = {}
+            for form in forms:
+                if form.layout_key not in built:
+                    built[form.layout_key] = [None if t is None else t[0].double()
+                                              for t in form.build(lambda i: tensors[i].detach().unsqueeze(0))]
+                with torch.no_grad():
+                    y = ops.ffn_reference(xp_TH.double(), *built[form.layout_key], *form.attrs)
+                out.append((form, names, y))
+        if out:
+            return out
+    return out

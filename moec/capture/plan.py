@@ -35,7 +35,9 @@ class Output:
     and what each other element of a tuple output is ("logits", or None)."""
 
     main_pos: int = -1
-    extras: tuple = ()  # per position: "main" | "logits" | "none" | ("router", i): the router module's output i
+    # per position: "main" | "logits" | "none" | ("router", i): the router module's output i |
+    # ("projection", shape): a product-key router's [T, 2n] key scores viewed as shape (-1: T)
+    extras: tuple = ()
     logits_shape: str = "flat"  # "flat": [T, E]; "input": the input's leading dims + [E]
     container: type = tuple
     flat: bool = False  # the hidden-state output is [T, H] whatever the input's rank
@@ -70,6 +72,7 @@ class BlockPlan:
     input_scaled: bool = False
     logit_scale: float = 1.0  # the router's logits are x' W^T times this
     unit_weights: bool = False  # every chosen expert's output is added with weight ``scaling`` (1 mostly)
+    logit_map: str = ""  # a product-key router: how its [T, 2n] key scores make the logits (specs.PRODUCT_KEY_MAPS)
 
     # Bound per layer (``bind``): the specs read the layer's live tensors.
     def router_spec(self, module: nn.Module) -> RouterSpec:
@@ -81,7 +84,7 @@ class BlockPlan:
 
         return RouterSpec(self.kind, self.top_k, self.experts.num_experts, self.renormalize, self.num_groups,
                           self.topk_groups, self.scaling, self.capacity, fetch=fetch, logits_dtype=self.logits_dtype,
-                          logit_scale=self.logit_scale)
+                          logit_scale=self.logit_scale, logit_map=self.logit_map)
 
     def experts_spec(self, module: nn.Module) -> ExpertsSpec:
         from moec.capture.match import stacker
@@ -127,6 +130,8 @@ class BlockPlan:
                     y = x_TH
                 elif term.source == "tensor":
                     y = _tensor(module, term.module)
+                elif term.source == "ffn":  # the layer's own projections
+                    y = _shared_expert(term.ffn, module, xp_TH, term.params)
                 elif term.ffn is not None:
                     y = _shared_expert(term.ffn, mod, xp_TH)
                 else:
@@ -144,6 +149,8 @@ class BlockPlan:
                     items.append(out)
                 elif what == "logits":
                     items.append(logits if out_spec.logits_shape == "flat" else logits.reshape(*x.shape[:-1], -1))
+                elif isinstance(what, tuple) and what[0] == "projection":
+                    items.append(router_out.reshape(what[1]))
                 elif isinstance(what, tuple):
                     items.append(router_out if what[1] < 0 else router_out[what[1]])
                 else:
@@ -156,7 +163,7 @@ class BlockPlan:
         """(the router logits of ``xp_TH``, the router module's whole output or None): from the
         router spec's weights, or by calling the layer's own router module (``router_call``)."""
         if router_mod is None:
-            return router.logits(xp_TH), None
+            return router.logits_and_projection(xp_TH) if self.logit_map else (router.logits(xp_TH), None)
         out = router_mod(xp_TH)
         return (out if self.router_call[1] < 0 else out[self.router_call[1]]), out
 
@@ -227,8 +234,8 @@ def _tensor(module: nn.Module, name: Optional[str]) -> Optional[Tensor]:
     return getattr(module.get_submodule(owner) if owner else module, leaf)
 
 
-def _shared_expert(form: FFNForm, module: nn.Module, xp_TH: Tensor) -> Tensor:
-    names = [n for n, _ in module.named_parameters()]
+def _shared_expert(form: FFNForm, module: nn.Module, xp_TH: Tensor, names: tuple = ()) -> Tensor:
+    names = list(names) or [n for n, _ in module.named_parameters()]
     w_in, w_out, b_in, b_out = form.build(lambda i: module.get_parameter(names[i]).unsqueeze(0))
     return torch.ops.moec.shared_expert(xp_TH, w_in[0], w_out[0], None if b_in is None else b_in[0],
                                         None if b_out is None else b_out[0], *form.attrs)

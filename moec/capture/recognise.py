@@ -41,6 +41,7 @@ from moec.capture.candidates import Candidate, expert_tensors, owner_of
 from moec.capture.match import Miss
 from moec.capture.observe import Observation, observe, randomized_constants
 from moec.capture.plan import BlockPlan, Output
+from moec.capture.specs import PRODUCT_KEY_MAPS
 from moec.capture.probes import (Call, as_accurate, call_module, close, main_output, probe_call, probe_shapes,
                                  random_x, rel_error)
 
@@ -55,15 +56,17 @@ def _observation_tokens(E: int) -> int:
     return min(128, max(32, 4 * E))
 
 
-def copy_as(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of ``module`` with its floating tensors in ``dtype``, made tensor by tensor: no
-    copy in the module's own dtype first (a full-size bf16 DeepSeek-V3 layer is 22 GB)."""
+def copy_as(module: nn.Module, dtype: torch.dtype, device: Optional[torch.device] = None) -> nn.Module:
+    """A copy of ``module`` with its floating tensors in ``dtype`` (and on ``device``, when
+    given), made tensor by tensor: no copy in the module's own dtype first (a full-size bf16
+    DeepSeek-V3 layer is 22 GB)."""
     memo: dict = {}
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             if id(t) in memo:
                 continue
-            v = t.detach().to(dtype, copy=True) if t.is_floating_point() else t.detach().clone()
+            v = (t.detach().to(device=device, dtype=dtype, copy=True) if t.is_floating_point()
+                 else t.detach().to(device=device, copy=True))
             v = nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else v
             if t.is_floating_point():  # what ``observe.zeroed`` restores the copy from
                 v._moec_source, v._moec_versions = t, (v._version, t._version)
@@ -173,8 +176,11 @@ def _match(cand: Candidate, call: Call, low_precision: bool, seen: Optional[dict
         # The router's own bias (a sibling named "bias") first: read as a correction bias of
         # the choice, it chooses alike under top-1 but loses the weights' form at the extremes.
         own = f"{cand.router.rpartition('.')[0]}.bias".lstrip(".")
-        for bias_name in [own] * (own in vectors) + [None] + [n for n in vectors if n != own]:
-            plain = m.router_logits(cand, xp_TH, None if bias_name is None else vectors[bias_name])
+        readings = [(b, "") for b in [own] * (own in vectors) + [None] + [n for n in vectors if n != own]]
+        if cand.logit_map:  # the weight projects to 2n key scores: which map makes them E logits
+            readings = [(None, how) for how in PRODUCT_KEY_MAPS]
+        for bias_name, logit_map in readings:
+            plain = m.router_logits(cand, xp_TH, None if bias_name is None else vectors[bias_name], logit_map)
             corrections = {n: v for n, v in vectors.items() if n != bias_name}
             # A logit multiplier (MuSE's output_multiplier) shows only once a correction bias or a
             # group limit mixes the scaled scores with something else: tried when 1 fails.
@@ -211,7 +217,11 @@ def _match(cand: Candidate, call: Call, low_precision: bool, seen: Optional[dict
                 form, weights_TE, unc_TE = ffn
                 routers, w_err = m.match_weights(chosen, logits, obs.member_TE, weights_TE, floats, ints, 1e-5,
                                                  unc_TE)
-                for other in post_forms if not routers else []:
+                # Rank-one experts (I = 1, Doge's): an expert's output is its activation times a
+                # fixed row, so every activation explains the contributions, the difference going
+                # into the weights: the activation whose weights are a router's is the one.
+                rank_one = [f for f in forms if f.inter == 1 and f.layout_key == form.layout_key and f != form]
+                for other in [*post_forms, *rank_one] if not routers else []:
                     found, _ = m.match_ffn([other], stacked, xp_TH, obs.contrib_ETH, obs.member_TE, 5e-5, floor_T,
                                            post_tensor=lambda name: _tensor_at(cand.module, name))
                     if found is None:
@@ -245,7 +255,8 @@ def _match(cand: Candidate, call: Call, low_precision: bool, seen: Optional[dict
                 misses.append(terms)
                 continue
             router_call, router_out = _router_call(cand, xp_TH, logits)
-            output = _output(obs, logits, E, router_out)
+            proj = m.router_logits(cand, xp_TH, None) if logit_map else None
+            output = _output(obs, logits, E, router_out, proj)
             if isinstance(output, Miss):
                 misses.append(output)
                 continue
@@ -263,7 +274,7 @@ def _match(cand: Candidate, call: Call, low_precision: bool, seen: Optional[dict
                                 renormalize=r.renormalize, scaling=r.scaling, capacity=capacity, ffn=form,
                                 premap=premap, terms=terms, output=output, logits_dtype=logits_dtype,
                                 route_leading=leading, router_call=router_call, input_scaled=input_scaled,
-                                logit_scale=logit_scale, unit_weights=r.unit,
+                                logit_scale=logit_scale, unit_weights=r.unit, logit_map=logit_map,
                             )
                             plans.append(((_simplicity(r), rank, logits_dtype is not None), plan))
             if plans:
@@ -497,8 +508,15 @@ def _rest(cand, obs: Observation, x_TH, xp_TH, skip, premap) -> Union[list, Miss
             branches[name] = fn
         elif y.shape[-1] == 1:
             gates[name] = fn
+    # An MLP of the layer's own projections (no module of its own): the form that best explains
+    # what the branches cannot, as one more branch.
+    sibling = _sibling_branch(cand, obs, x_TH, xp_TH, skip | {id(cand.module.get_submodule(n)) for n in branches})
+    if sibling is not None:
+        branches[_SIBLINGS] = lambda xp, y=sibling[2]: y if xp.shape[0] == y.shape[0] else y[:xp.shape[0]]
     # [H] parameters the layer holds outside its branches (JetMoE adds an output bias).
-    owned = {id(p) for name in branches for p in cand.module.get_submodule(name).parameters()}
+    owned = {id(p) for name in branches if name != _SIBLINGS for p in cand.module.get_submodule(name).parameters()}
+    if sibling is not None:
+        owned |= {id(cand.module.get_parameter(n)) for n in sibling[1]}
     owned |= {id(p) for name in gates for p in cand.module.get_submodule(name).parameters()}
     if premap is not None:
         owned |= {id(p) for p in cand.module.get_submodule(premap).parameters()}
@@ -508,7 +526,9 @@ def _rest(cand, obs: Observation, x_TH, xp_TH, skip, premap) -> Union[list, Miss
     if terms is not None:
         floats = m.float_attrs(cand.module)
         for i, t in enumerate(terms):
-            if t.source == "module":
+            if t.module == _SIBLINGS:
+                terms[i] = dataclasses.replace(t, source="ffn", module=None, ffn=sibling[0], params=tuple(sibling[1]))
+            elif t.source == "module":
                 found = m.dense_ffn(cand.module.get_submodule(t.module), cand.hidden, floats)
                 if found is not None:
                     terms[i] = dataclasses.replace(t, ffn=found[0])
@@ -517,6 +537,32 @@ def _rest(cand, obs: Observation, x_TH, xp_TH, skip, premap) -> Union[list, Miss
         return Miss("rest", "what the layer adds besides its experts is not a sum of its input and its "
                             f"submodules (tried: {found})", f"relative residual {err:.2g}")
     return terms
+
+
+_SIBLINGS = "\0siblings"  # the branch name of an MLP made of the layer's own projections
+
+
+def _sibling_branch(cand, obs: Observation, x_TH, xp_TH, skip: set[int]):
+    """(form, parameter names, output on x') of the sibling-projection MLP whose output, alone or
+    beside the input, best explains the layer's remainder; None when none comes within 1e-5."""
+    skip = skip | {id(cand.module.get_submodule(cand.router.rpartition(".")[0]))} if cand.router.count(".") else skip
+    skip = skip | {id(sub) for sub in cand.module.modules()
+                   if sub is not cand.module and list(sub.parameters())
+                   and all(id(p) in m.expert_ids(cand) for p in sub.parameters())}
+    found = m.sibling_ffns(cand.module, cand.hidden, skip, m.float_attrs(cand.module), xp_TH)
+    if not found:
+        return None
+    rest = obs.rest_TH.double().reshape(-1, 1)
+    scale = max(rest.abs().max().item(), 1e-30)
+    best, best_err = None, math.inf
+    for form, names, y in found:
+        for cols in ([y], [x_TH.double(), y]):
+            A = torch.stack([c.reshape(-1) for c in cols], dim=1)
+            coef = torch.linalg.lstsq(A, rest).solution
+            err = ((A @ coef - rest).abs().max() / scale).item()
+            if err < best_err:
+                best, best_err = (form, names, y), err
+    return best if best_err <= 1e-5 else None
 
 
 def _router_call(cand: Candidate, xp_TH: Tensor, logits_TE: Tensor) -> tuple[Optional[tuple[str, int]], Any]:
@@ -536,7 +582,10 @@ def _router_call(cand: Candidate, xp_TH: Tensor, logits_TE: Tensor) -> tuple[Opt
     return None, None
 
 
-def _output(obs: Observation, logits_TE: Tensor, E: int, router_out: Any) -> Union[Output, Miss]:
+def _output(obs: Observation, logits_TE: Tensor, E: int, router_out: Any,
+            proj: Optional[Tensor] = None) -> Union[Output, Miss]:
+    """How the layer's output is built; ``proj``: the [T, 2n] key scores of a product-key
+    router, which a layer may return viewed in another shape (Doge's [2, T, n])."""
     main = obs.out if obs.main_pos < 0 else obs.out[obs.main_pos]
     flat = main.shape != obs.call.x.shape
     if obs.main_pos < 0:
@@ -559,6 +608,11 @@ def _output(obs: Observation, logits_TE: Tensor, E: int, router_out: Any) -> Uni
                   and r.shape == o.shape and r.dtype == o.dtype and close(r, o)), None)
         if j is not None:
             extras.append(("router", -1 if isinstance(router_out, Tensor) else j))
+            continue
+        T = logits_TE.shape[0]
+        if proj is not None and isinstance(o, Tensor) and o.numel() == proj.numel() and list(o.shape).count(T) == 1 \
+                and close(o.reshape(proj.shape).double(), proj):
+            extras.append(("projection", tuple(-1 if d == T else d for d in o.shape)))
             continue
         what = f"a tensor {list(o.shape)}" if isinstance(o, Tensor) else type(o).__name__
         return Miss("outputs", f"the layer also returns {what} (output {i}), which moec does not reproduce")
@@ -865,6 +919,8 @@ def recognise_experts_module(cand: Candidate, top_k: int):
 
 # Ids past E probed for identity experts: at most this many.
 _MAX_IDENTITY_IDS = 64
+# Off the CPU, ids past E are probed on a CPU copy of an experts module at most this large.
+_MAX_CPU_COPY_BYTES = 4 << 30
 
 
 def _ids_past(module: nn.Module, spec, call: Call, E: int) -> tuple[str, int]:
@@ -872,11 +928,22 @@ def _ids_past(module: nn.Module, spec, call: Call, E: int) -> tuple[str, int]:
     class: a dropped slot); ("identity", hi) ids in [E, hi) pass the token through times its
     weight (LongCat-Flash's "zero" experts), ids from hi on are refused by the module (they never
     occur); ("", 0) it refuses them, or computes something else: such ids then reach
-    ``moec::dispatch``, which raises naming them, never a silent answer."""
+    ``moec::dispatch``, which raises naming them, never a silent answer.
+
+    Off the CPU the question goes to a CPU copy of the module: an id out of a module's range
+    there is a device-side assert, which ends the process instead of raising. A module too large
+    to copy (past ``_MAX_CPU_COPY_BYTES``) is not asked: ("", 0)."""
     x, idx, w = call.args
     dropped = idx.clone()
     dropped[:, 0] = -1
     without = call_module(spec, Call((x, dropped, w), {}, 0))
+    if x.device.type != "cpu":
+        size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        if size > _MAX_CPU_COPY_BYTES or not isinstance(without, Tensor):
+            return "", 0
+        cpu = torch.device("cpu")
+        module = copy_as(module, x.dtype, cpu)
+        x, idx, w, without = x.to(cpu), idx.to(cpu), w.to(cpu), without.to(cpu)
     identity = without + w[:, :1].to(without.dtype) * x.to(without.dtype)
     mode = ""
     for j in range(E, E + _MAX_IDENTITY_IDS):

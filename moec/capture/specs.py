@@ -16,6 +16,30 @@ import torch
 from torch import Tensor
 
 
+# Product-key routing (Doge's CDMoE, PEER): a projection gives two sets of n key scores per
+# token, expert i*n + j scores key i of the first set plus key j of the second. The maps differ
+# in where the sets are read: "tokens" splits each token's 2n scores in halves; "view" reads the
+# [T, 2n] projection as [2, T, n] (Doge's ``view(2, T, n)``: a token's two sets then come from
+# other tokens' rows); "-swap" makes the second set the major index.
+PRODUCT_KEY_MAPS = ("tokens", "tokens-swap", "view", "view-swap")
+
+
+def product_key_scores(proj_TF: Tensor, how: str) -> Tensor:
+    """[T, 2n] key scores -> [T, n * n] expert scores, as ``how`` (``PRODUCT_KEY_MAPS``) reads them."""
+    T, F = proj_TF.shape
+    n = F // 2
+    if how.startswith("tokens"):
+        a, b = proj_TF[:, :n], proj_TF[:, n:]
+    elif how.startswith("view"):
+        pair = proj_TF.reshape(2, T, n)
+        a, b = pair[0], pair[1]
+    else:
+        raise ValueError(f"unknown product-key map {how!r}; known: {', '.join(PRODUCT_KEY_MAPS)}")
+    if how.endswith("-swap"):
+        a, b = b, a
+    return (a.unsqueeze(-1) + b.unsqueeze(-2)).reshape(T, n * n)
+
+
 @dataclasses.dataclass
 class RouterSpec:
     kind: str
@@ -30,6 +54,7 @@ class RouterSpec:
     fetch: Callable[[], tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = dataclasses.field(repr=False, default=None)
     logits_dtype: Optional[torch.dtype] = None
     logit_scale: float = 1.0
+    logit_map: str = ""  # "" (the projection is the logits) or one of PRODUCT_KEY_MAPS
 
     def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         _, _, correction_bias = self.fetch()
@@ -39,10 +64,16 @@ class RouterSpec:
         )
 
     def logits(self, x: Tensor) -> Tensor:
+        return self.logits_and_projection(x)[0]
+
+    def logits_and_projection(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits [T, E], the router projection they come from: the logits themselves unless
+        ``logit_map`` maps a [T, 2n] projection to them)."""
         w_EH, b_E, _ = self.fetch()
         dtype = self.logits_dtype or x.dtype
-        logits = torch.nn.functional.linear(x.to(dtype), w_EH.to(dtype), None if b_E is None else b_E.to(dtype))
-        return logits if self.logit_scale == 1.0 else logits * self.logit_scale
+        proj = torch.nn.functional.linear(x.to(dtype), w_EH.to(dtype), None if b_E is None else b_E.to(dtype))
+        logits = product_key_scores(proj, self.logit_map) if self.logit_map else proj
+        return (logits if self.logit_scale == 1.0 else logits * self.logit_scale), proj
 
     @property
     def report_kind(self) -> str:

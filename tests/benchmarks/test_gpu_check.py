@@ -42,3 +42,24 @@ def test_gpu_check_rejects_a_missing_folder_argument():
     done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh")], env=dict(os.environ, PYTHON=sys.executable),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     assert done.returncode == 2 and "out_dir" in done.stdout and "Traceback" not in done.stdout
+
+
+def test_gpu_check_rejects_an_unknown_step(tmp_path):
+    done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--only", "lyers"],
+                          env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert done.returncode == 2 and "no step named lyers" in done.stdout and "Traceback" not in done.stdout
+
+
+def test_a_step_past_its_limit_leaves_its_stacks():
+    """A hung step is killed at its limit, after printing where each thread was."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    code = "import time\ndef hang_here():\n    time.sleep(60)\nprint('started', flush=True)\nhang_here()\n"
+    step = gpu_check.run_step("hang", [sys.executable, "-c", code], 3, env, 1, 1)
+    assert step["rc"] == 124 and step["seconds"] < 30
+    assert "started" in step["output"] and "hang_here" in step["output"], step["output"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from moec.capture.candidates import find_candidates
 
@@ -124,35 +125,61 @@ def test_experts_without_a_router_are_reported_as_orphans():
 
 class ProductKeys(nn.Module):
     """Single-row experts behind product-key routing (as Doge's CDMoE and PEER write it): scores
-    for n keys on each of two axes, E = n^2 experts; not in moec's router vocabulary."""
+    for n keys on each of two axes, E = n^2 experts (``tables`` of them: two are the experts'
+    rows in and out; a third makes the reading ambiguous)."""
 
-    def __init__(self, n=4, k=2):
+    def __init__(self, n=4, k=2, tables=2, act=F.gelu):
         super().__init__()
-        self.n, self.k = n, k
+        self.n, self.k, self.act = n, k, act
         self.keys = nn.Linear(H, 2 * n, bias=False)
         self.down_rows = nn.Embedding(n * n, H)
         self.up_rows = nn.Embedding(n * n, H)
+        if tables > 2:
+            self.extra_rows = nn.Embedding(n * n, H)
+        with torch.no_grad():  # rows of the scale a trained model's have (pre-activations O(1))
+            for table in (self.down_rows, self.up_rows):
+                table.weight.mul_(H**-0.5)
 
     def forward(self, x):
         sx, sy = self.keys(x).chunk(2, dim=-1)
         scores = (sx[:, :, None] + sy[:, None, :]).flatten(1)
         w, idx = scores.topk(self.k, dim=-1)
-        h = torch.relu((self.down_rows(idx) * x[:, None]).sum(-1)) * w.softmax(-1)
-        return (h[..., None] * self.up_rows(idx)).sum(1)
+        h = self.act((self.down_rows(idx) * x[:, None]).sum(-1)) * w.softmax(-1)
+        out = (h[..., None] * self.up_rows(idx)).sum(1)
+        return out + self.extra_rows(idx).sum(1) if hasattr(self, "extra_rows") else out
 
 
-def test_product_key_layer_is_reported_not_silent():
+def test_product_key_layer_is_a_candidate():
     model = nn.Sequential(nn.Linear(H, H), ProductKeys())
     cands, orphans = find_candidates(model)
-    assert not cands
-    (orphan,) = orphans
-    assert orphan.name == "1" and orphan.num_experts == 16
-    assert "product-key" in orphan.reason() and "router" in orphan.reason()
+    assert not orphans
+    (c,) = cands
+    assert (c.name, c.experts.num_experts, c.experts.layout, c.router, c.logit_map) == (
+        "1", 16, "flat", "keys.weight", "product_key")
+    assert sorted(c.experts.names) == ["down_rows.weight", "up_rows.weight"]
+
+
+def test_product_key_layer_is_recognised():
+    import moec
+
+    report = moec.inspect(ProductKeys(), torch.randn(8, H))
+    assert [(l.num_experts, l.top_k, l.expert_hidden_size, l.activation) for l in report.moe_layers] == [
+        (16, 2, 1, "gelu")], report.table()
+
+
+def test_a_relu_product_key_layer_is_left_alone_with_a_reason():
+    """A rank-one ReLU expert whose one pre-activation is negative adds exactly nothing, so which
+    experts a token chose cannot be observed (known limit): left alone, and the report says why."""
+    import moec
+
+    report = moec.inspect(ProductKeys(act=torch.relu), torch.randn(8, H))
+    assert not report.moe_layers
+    assert any("left alone" in f.reason and "router" in f.reason for f in report.fallbacks), report.fallbacks
 
 
 def test_report_says_why_a_product_key_layer_is_left_alone():
     import moec
 
-    report = moec.inspect(ProductKeys(), torch.randn(8, H))
+    report = moec.inspect(ProductKeys(tables=3), torch.randn(8, H))
     assert not report.moe_layers
-    assert any("product-key routing" in f.reason for f in report.fallbacks), report.fallbacks
+    assert any("product-key" in f.reason and "more than two" in f.reason for f in report.fallbacks), report.fallbacks

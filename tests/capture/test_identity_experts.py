@@ -91,11 +91,18 @@ def test_reported_with_the_real_experts(name):
     assert "left alone" not in report.table()
 
 
+_DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("name", list(BANKS))
-def test_compiled_matches_eager(name):
+def test_compiled_matches_eager(name, device):
+    """On a GPU too: capture asks what ids past E do on a CPU copy of the bank (an id out of a
+    module's range on the GPU is a device-side assert that ends the process)."""
     torch._dynamo.reset()
     counters.clear()
-    model = _layer(name).train()
+    model = _layer(name).train().to(device)
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(3)
     one = torch.randn(1, H, generator=g)
@@ -103,7 +110,8 @@ def test_compiled_matches_eager(name):
     with torch.no_grad():
         pref = torch.zeros(E + Z, H)
         pref[E:] = one[0] * 4
-    xs = [torch.randn(2, 12, H, generator=g), one, one.expand(5, H).clone()]
+    xs = [x.to(device) for x in (torch.randn(2, 12, H, generator=g), one, one.expand(5, H).clone())]
+    pref = pref.to(device)
     compiled = moec.compile(model, inner="aot_eager")
     for i, x in enumerate(xs):
         if i == 2:  # all slots on identity experts from here on
