@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
 from typing import Any, Optional, Union
 
@@ -97,6 +98,10 @@ def recognise(cand: Candidate, calls: list[Call]) -> Union[BlockPlan, Miss]:
     seen = {"top_k": 0}  # the most experts any token kept in any observation so far
     for _ in range(3):
         found = _observed_plans(cand, probe, seen)
+        if call.x.device.type != "cpu":
+            # The float32 copy observation made of a half-precision layer, freed before
+            # verification needs the memory (deep copies of modules can hold reference cycles).
+            gc.collect()
         result = found if isinstance(found, Miss) else _first_verified(found, cand.module, calls)
         if not isinstance(result, Miss):
             return result
@@ -792,22 +797,34 @@ def _compare_grads(module: nn.Module, fwd, call: Call, tol: float) -> Optional[s
             return f"its gradients could not be compared: {type(err).__name__}: {err}".splitlines()[0][:200]
 
 
+# Above this many bytes of parameters, gradients are compared one parameter at a time (each
+# side then holds one parameter's gradient, at the cost of a backward pass per parameter), and a
+# half-precision layer's exact twin is float32 rather than float64: a full-size DeepSeek-V3
+# layer holds 22.5 GB of bf16 experts, whose float64 twin alone outgrew an H200.
+_STREAM_GRAD_BYTES = 1 << 30
+
+
 def _grad_mismatch(module: nn.Module, fwd, call: Call, tol: float) -> Optional[str]:
     """Gradients of the input and every parameter, ``fwd`` against ``module``. A gradient outside
     ``tol`` still passes when it is as close to the float64 twin's as eager's is (a gradient that
     is mathematically zero, as the router's under top-1 renormalisation, is rounding noise on
     both sides)."""
     params = [p for p in module.parameters() if p.requires_grad]
+    stream = sum(p.numel() * p.element_size() for p in params) > _STREAM_GRAD_BYTES
+    grads_of = _lazy_grads if stream else _grads_of
     grads = []
     for fn in (module, fwd):
-        grads.append(_grads_of(fn, call, params))
+        grads.append(grads_of(fn, call, params))
         if isinstance(grads[-1], str):
             return grads[-1]
+    eager, compiled = grads
     exact = None
     # The largest gradient anywhere: a gradient moec does not have (a router under constant
     # weights) passes when eager's is rounding noise at this scale.
-    overall = max([float(w.detach().abs().max()) for w in grads[0] if w is not None and w.numel()] or [0.0])
-    for i, (want, got) in enumerate(zip(*grads)):  # eager's, moec's
+    overall = max([float(w.detach().abs().max()) for w in (eager[i] for i in range(len(eager)))
+                   if w is not None and w.numel()] or [0.0])
+    for i in range(len(eager)):
+        want, got = eager[i], compiled[i]
         if want is None and got is None:
             continue
         like = call.x if i == 0 else params[i - 1]
@@ -819,8 +836,10 @@ def _grad_mismatch(module: nn.Module, fwd, call: Call, tol: float) -> Optional[s
             continue
         if call.x.dtype != torch.float64:
             if exact is None:
-                twin = copy_as(module, torch.float64)
-                exact = _grads_of(twin, call.with_x(call.x.double()), [p for p in twin.parameters() if p.requires_grad])
+                half = all(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+                twin = copy_as(module, torch.float32 if stream and half else torch.float64)
+                exact = grads_of(twin, call.with_x(call.x.to(next(twin.parameters()).dtype)),
+                                 [p for p in twin.parameters() if p.requires_grad])
             if not isinstance(exact, str) and exact[i] is not None and as_accurate(got, want, exact[i]):
                 continue
         what = "the input" if i == 0 else "a parameter"
@@ -828,15 +847,46 @@ def _grad_mismatch(module: nn.Module, fwd, call: Call, tol: float) -> Optional[s
     return None
 
 
-def _grads_of(fn, call: Call, params: list[Tensor]) -> Union[tuple, str]:
+def _loss_of(fn, call: Call) -> Union[tuple[Tensor, Tensor], str]:
+    """(a float64 loss of ``fn``'s main output on ``call`` with a fixed random cotangent, the
+    input tensor it was computed from), or why there is none."""
     x = call.x.detach().clone().requires_grad_(True)
     out = call_module(fn, call.with_x(x), grad=True)
     found = main_output(out, x) if not isinstance(out, str) else None
     if found is None:
         return f"no output to differentiate: {out if isinstance(out, str) else type(out).__name__}"
     r = torch.randn(found[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(found[0].device)
-    loss = (found[0].double() * r).sum()
+    return (found[0].double() * r).sum(), x
+
+
+def _grads_of(fn, call: Call, params: list[Tensor]) -> Union[tuple, str]:
+    found = _loss_of(fn, call)
+    if isinstance(found, str):
+        return found
+    loss, x = found
     return torch.autograd.grad(loss, [x, *params], allow_unused=True)
+
+
+class _LazyGrads:
+    """The gradients ``_grads_of`` gives, each computed when indexed (the graph is kept): one
+    parameter's gradient in memory at a time."""
+
+    def __init__(self, loss: Tensor, inputs: list[Tensor]):
+        self.loss, self.inputs = loss, inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> Optional[Tensor]:
+        return torch.autograd.grad(self.loss, [self.inputs[i]], retain_graph=True, allow_unused=True)[0]
+
+
+def _lazy_grads(fn, call: Call, params: list[Tensor]) -> Union[_LazyGrads, str]:
+    found = _loss_of(fn, call)
+    if isinstance(found, str):
+        return found
+    loss, x = found
+    return _LazyGrads(loss, [x, *params])
 
 
 def same_kind_key(module: nn.Module) -> tuple:

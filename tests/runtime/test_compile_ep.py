@@ -17,6 +17,7 @@ differently, and an embedding's gradient sums many such rows.
 
 from __future__ import annotations
 
+import pathlib
 import zlib
 
 import pytest
@@ -39,7 +40,11 @@ def _close(got, want, msg):
 # with a rank without tokens, one token per rank, hierarchical all-to-all) and one transformers
 # family; the other families, Inductor and 4 ranks run in the slow run.
 CORE = ("moe-mlp", "stacked-bmm-all-to-rank0", "shared-expert-rank-without-tokens", "mixtral", "moe-mlp-one-token",
-        "moe-mlp-hierarchical", "stacked-bmm-all-to-rank0-hierarchical")
+        "moe-mlp-hierarchical", "stacked-bmm-all-to-rank0-hierarchical", "post-norm")
+# Layers the expert_parallel pass leaves as they are (their experts' weights still sharded and
+# all-gathered): capacity limits (Switch), and a norm between the experts and the combine.
+UNREWRITTEN = ("switch_transformers", "post-norm")
+POST_NORM = f"{pathlib.Path(__file__).with_name('post_norm_factory.py')}:own_bank"
 
 
 def _cases(world: int, core: bool = False) -> list[dict]:
@@ -58,6 +63,8 @@ def _cases(world: int, core: bool = False) -> list[dict]:
         # One token per rank, two chunks: one chunk of every rank is empty.
         dict(name="moe-mlp-one-token", spec="builtin:moe-mlp", rows=[1] * world, seq=1, chunks=2,
              inner="aot_eager"),
+        # An RMSNorm with a per-expert scale on each expert's output row (Ergo's post-norm).
+        dict(name="post-norm", spec=POST_NORM, rows=uneven, chunks=1, inner="aot_eager"),
     ]
     # hierarchical all-to-all: nodes of 2 ranks at 4 ranks, of 1 rank at 2
     cases += [
@@ -85,7 +92,7 @@ def _build(case: dict, world: int):
     model, args, _ = load_spec(case["spec"])
     g = torch.Generator().manual_seed(zlib.crc32(case["name"].encode()) + world)
     B = sum(case["rows"])
-    if case["spec"].startswith("builtin:"):
+    if not case["spec"].startswith("hf:"):
         shape = args[0].shape[1:] if "seq" not in case else (case["seq"], *args[0].shape[2:])
         full = (torch.randn(B, *shape, generator=g),)
     else:
@@ -121,7 +128,7 @@ def _run_rank(case: dict, world: int, rank: int) -> dict:
     out = primary_output(compiled(*mine))
     sharded = torch._dynamo.utils.counters["moec"]["expert_parallel_layers"]
     # Every MoE layer is sharded but Switch's capacity-limited ones (rows per rank: 0 is fine).
-    assert (sharded == 0) == (case["name"] == "switch_transformers"), (case["name"], sharded)
+    assert (sharded == 0) == (case["name"] in UNREWRITTEN), (case["name"], sharded)
     hierarchical = torch._dynamo.utils.counters["moec"]["expert_parallel_hierarchical_layers"]
     assert hierarchical == (sharded if case.get("hierarchical") else 0), (case["name"], hierarchical)
     (out * cot[_rows(case, rank)]).sum().backward()
