@@ -90,6 +90,11 @@ def _is_under(path: str, prefix: str) -> bool:
     return prefix == "" or path == prefix or path.startswith(prefix + ".")
 
 
+def _overlaps(path: str, others: list[str]) -> bool:
+    """``path`` is inside one of ``others`` or holds one."""
+    return any(_is_under(path, o) or _is_under(o, path) for o in others)
+
+
 def _common_prefix(a: str, b: str) -> str:
     pa, pb = a.split(".") if a else [], b.split(".") if b else []
     out = []
@@ -245,11 +250,11 @@ def find_candidates(root: nn.Module) -> tuple[list[Candidate], list[Orphan]]:
     # Two identical MLPs side by side are as likely a model's own pair of branches: a list of
     # modules without a router is reported from three on.
     orphans = [Orphan(path, g.num_experts, g.layout, readings=_routerless(root, path, g)) for path, g in unpaired
-               if not any(_is_under(layer, path) or _is_under(path, layer) for layer in layers)
+               if not _overlaps(path, layers)
                and (g.layout != "modules" or g.num_experts >= 3)]
     orphans += _unread_stacks(root, [*layers, *(o.name for o in orphans)])
     keyed, keyed_orphans = _product_key_tables(root, [o.name for o in orphans])
-    orphans += [o for o in keyed_orphans if not any(_is_under(o.name, l) or _is_under(l, o.name) for l in layers)]
+    orphans += [o for o in keyed_orphans if not _overlaps(o.name, layers)]
     out = []
     for name in sorted(found, key=lambda n: order[n]):
         ranked = [c for _, c in sorted(found[name], key=lambda kc: kc[0])]
@@ -276,7 +281,7 @@ def find_candidates(root: nn.Module) -> tuple[list[Candidate], list[Orphan]]:
                 out[by_name[c.name]] = c
             else:  # another weight routes the layer as it reads: the product-key reading last
                 old.__dict__.setdefault("alternatives", []).append(c)
-        elif not any(_is_under(c.name, l) or _is_under(l, c.name) for l in layers):
+        elif not _overlaps(c.name, layers):
             c.__dict__["alternatives"] = []
             out.append(c)
     out = sorted(out, key=lambda c: order[c.name])
@@ -341,7 +346,7 @@ def _product_key_tables(root: nn.Module, covered: list[str]) -> tuple[list[Candi
     two such tables are reported, never silent."""
     cands, orphans = [], []
     for path, module in root.named_modules():
-        if any(_is_under(path, c) or _is_under(c, path) for c in covered):
+        if _overlaps(path, covered):
             continue
         params = [(n, tuple(p.shape)) for n, p in module.named_parameters() if n.count(".") <= 1 and p.dim() == 2]
         for (name, (E, H)) in params:

@@ -486,10 +486,10 @@ def _expert_modules(cand: Candidate) -> set[int]:
     owner = owner_of(cand)
     if cand.experts.layout == "modules":
         return {id(sub) for sub in owner.modules()}
-    names = set(cand.experts.names)
-    if owner is not cand.module and {n for n, _ in owner.named_parameters()} <= names:
-        return {id(owner)}
-    return set()
+    # (Doge's experts are the tables of two nn.Embedding children of the layer.)
+    experts = m.expert_ids(cand)
+    return {id(sub) for sub in cand.module.modules() if sub is not cand.module and list(sub.parameters())
+            and all(id(p) in experts for p in sub.parameters())}
 
 
 def _closest(misses: list[Miss]) -> Miss:
@@ -517,7 +517,7 @@ def _rest(cand, obs: Observation, x_TH, xp_TH, skip, premap) -> Union[list, Miss
     # what the branches cannot, as one more branch.
     sibling = _sibling_branch(cand, obs, x_TH, xp_TH, skip | {id(cand.module.get_submodule(n)) for n in branches})
     if sibling is not None:
-        branches[_SIBLINGS] = lambda xp, y=sibling[2]: y if xp.shape[0] == y.shape[0] else y[:xp.shape[0]]
+        branches[_SIBLINGS] = lambda xp, y=sibling[2]: y  # (match_rest calls it on this xp_TH)
     # [H] parameters the layer holds outside its branches (JetMoE adds an output bias).
     owned = {id(p) for name in branches if name != _SIBLINGS for p in cand.module.get_submodule(name).parameters()}
     if sibling is not None:
@@ -550,10 +550,6 @@ _SIBLINGS = "\0siblings"  # the branch name of an MLP made of the layer's own pr
 def _sibling_branch(cand, obs: Observation, x_TH, xp_TH, skip: set[int]):
     """(form, parameter names, output on x') of the sibling-projection MLP whose output, alone or
     beside the input, best explains the layer's remainder; None when none comes within 1e-5."""
-    skip = skip | {id(cand.module.get_submodule(cand.router.rpartition(".")[0]))} if cand.router.count(".") else skip
-    skip = skip | {id(sub) for sub in cand.module.modules()
-                   if sub is not cand.module and list(sub.parameters())
-                   and all(id(p) in m.expert_ids(cand) for p in sub.parameters())}
     found = m.sibling_ffns(cand.module, cand.hidden, skip, m.float_attrs(cand.module), xp_TH)
     if not found:
         return None
@@ -597,6 +593,7 @@ def _output(obs: Observation, logits_TE: Tensor, E: int, router_out: Any,
         return Output(flat=flat)
     router_items = [] if router_out is None else [router_out] if isinstance(router_out, Tensor) else list(router_out)
     extras, shape = [], "flat"
+    T = logits_TE.shape[0]
     for i, o in enumerate(obs.out):
         if i == obs.main_pos:
             extras.append("main")
@@ -614,7 +611,6 @@ def _output(obs: Observation, logits_TE: Tensor, E: int, router_out: Any,
         if j is not None:
             extras.append(("router", -1 if isinstance(router_out, Tensor) else j))
             continue
-        T = logits_TE.shape[0]
         if proj is not None and isinstance(o, Tensor) and o.numel() == proj.numel() and list(o.shape).count(T) == 1 \
                 and close(o.reshape(proj.shape).double(), proj):
             extras.append(("projection", tuple(-1 if d == T else d for d in o.shape)))
@@ -811,20 +807,16 @@ def _grad_mismatch(module: nn.Module, fwd, call: Call, tol: float) -> Optional[s
     both sides)."""
     params = [p for p in module.parameters() if p.requires_grad]
     stream = sum(p.numel() * p.element_size() for p in params) > _STREAM_GRAD_BYTES
-    grads_of = _lazy_grads if stream else _grads_of
     grads = []
     for fn in (module, fwd):
-        grads.append(grads_of(fn, call, params))
+        grads.append(_grads_of(fn, call, params, lazy=stream))
         if isinstance(grads[-1], str):
             return grads[-1]
-    eager, compiled = grads
     exact = None
     # The largest gradient anywhere: a gradient moec does not have (a router under constant
     # weights) passes when eager's is rounding noise at this scale.
-    overall = max([float(w.detach().abs().max()) for w in (eager[i] for i in range(len(eager)))
-                   if w is not None and w.numel()] or [0.0])
-    for i in range(len(eager)):
-        want, got = eager[i], compiled[i]
+    overall = max([float(w.detach().abs().max()) for w in grads[0] if w is not None and w.numel()] or [0.0])
+    for i, (want, got) in enumerate(zip(*grads)):  # eager's, moec's
         if want is None and got is None:
             continue
         like = call.x if i == 0 else params[i - 1]
@@ -838,8 +830,8 @@ def _grad_mismatch(module: nn.Module, fwd, call: Call, tol: float) -> Optional[s
             if exact is None:
                 half = all(p.dtype in (torch.bfloat16, torch.float16) for p in params)
                 twin = copy_as(module, torch.float32 if stream and half else torch.float64)
-                exact = grads_of(twin, call.with_x(call.x.to(next(twin.parameters()).dtype)),
-                                 [p for p in twin.parameters() if p.requires_grad])
+                exact = _grads_of(twin, call.with_x(call.x.to(next(twin.parameters()).dtype)),
+                                  [p for p in twin.parameters() if p.requires_grad], lazy=stream)
             if not isinstance(exact, str) and exact[i] is not None and as_accurate(got, want, exact[i]):
                 continue
         what = "the input" if i == 0 else "a parameter"
@@ -847,29 +839,25 @@ def _grad_mismatch(module: nn.Module, fwd, call: Call, tol: float) -> Optional[s
     return None
 
 
-def _loss_of(fn, call: Call) -> Union[tuple[Tensor, Tensor], str]:
-    """(a float64 loss of ``fn``'s main output on ``call`` with a fixed random cotangent, the
-    input tensor it was computed from), or why there is none."""
+def _grads_of(fn, call: Call, params: list[Tensor], lazy: bool = False) -> Union[tuple, "_LazyGrads", str]:
+    """Gradients of the input and ``params`` of a float64 loss of ``fn``'s main output on
+    ``call`` (a fixed random cotangent), or why there are none; ``lazy``: each computed when
+    indexed (``_LazyGrads``)."""
     x = call.x.detach().clone().requires_grad_(True)
     out = call_module(fn, call.with_x(x), grad=True)
     found = main_output(out, x) if not isinstance(out, str) else None
     if found is None:
         return f"no output to differentiate: {out if isinstance(out, str) else type(out).__name__}"
     r = torch.randn(found[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(found[0].device)
-    return (found[0].double() * r).sum(), x
-
-
-def _grads_of(fn, call: Call, params: list[Tensor]) -> Union[tuple, str]:
-    found = _loss_of(fn, call)
-    if isinstance(found, str):
-        return found
-    loss, x = found
+    loss = (found[0].double() * r).sum()
+    if lazy:
+        return _LazyGrads(loss, [x, *params])
     return torch.autograd.grad(loss, [x, *params], allow_unused=True)
 
 
 class _LazyGrads:
     """The gradients ``_grads_of`` gives, each computed when indexed (the graph is kept): one
-    parameter's gradient in memory at a time."""
+    parameter's gradient in memory at a time. Iterates as the tuple would."""
 
     def __init__(self, loss: Tensor, inputs: list[Tensor]):
         self.loss, self.inputs = loss, inputs
@@ -879,14 +867,6 @@ class _LazyGrads:
 
     def __getitem__(self, i: int) -> Optional[Tensor]:
         return torch.autograd.grad(self.loss, [self.inputs[i]], retain_graph=True, allow_unused=True)[0]
-
-
-def _lazy_grads(fn, call: Call, params: list[Tensor]) -> Union[_LazyGrads, str]:
-    found = _loss_of(fn, call)
-    if isinstance(found, str):
-        return found
-    loss, x = found
-    return _LazyGrads(loss, [x, *params])
 
 
 def same_kind_key(module: nn.Module) -> tuple:
