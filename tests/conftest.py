@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -136,6 +136,35 @@ class Checks:
             self.loss(out).backward()
             self.loss(out_ref).backward()
             self.assert_grads_close(model, ref)
+
+    def matches_eager_over(self, model: torch.nn.Module, xs: list, target: str,
+                           last: Optional[Callable[[torch.nn.Module], None]] = None) -> None:
+        """``moec.compile(model, target=...)`` in train mode against an eager copy over the calls
+        ``xs``: each output equal (fp32 defaults), no graph break, and every parameter's gradient
+        accumulated over the calls equal. ``last``: applied to both models (under no_grad) before
+        the last call, whose input is then made positive (``x.abs() + 1``): routing concentrated
+        by the test's own rule."""
+        import moec
+
+        torch._dynamo.reset()
+        counters.clear()
+        model.train()
+        ref = copy.deepcopy(model)
+        compiled = moec.compile(model, inner="aot_eager", target=target)
+        for i, x in enumerate(xs):
+            if last is not None and i == len(xs) - 1:
+                with torch.no_grad():
+                    last(model)
+                    last(ref)
+                x = x.abs() + 1.0
+            out, out_ref = compiled(x), ref(x)
+            torch.testing.assert_close(out, out_ref)
+            main, main_ref = (out[0], out_ref[0]) if isinstance(out, tuple) else (out, out_ref)
+            main.pow(2).mean().backward()
+            main_ref.pow(2).mean().backward()
+        assert self.graph_breaks() == {}
+        self.assert_grads_close(model, ref)
+
 
 
 @pytest.fixture

@@ -13,6 +13,10 @@ it:
 2. components, when that fails: a router module that returns (logits, weights, choice) and an
    experts module taking (x, choice, weights) get canonical forwards each (Hugging Face
    style); the layer's own glue stays as traced PyTorch (``recognisers``).
+3. split, for a module never called with a hidden state: two of its methods seen on a recorded
+   run routing the hidden state to per-expert [*, K, D] rows and combining such rows back, with
+   the model's own code between them (JetMoE's mixture of attention heads), get canonical
+   halves (``split``).
 
 A replacement is installed only after it reproduced the module's own forward, per call
 signature and per mode (eval; train when the module is deterministic in training), and runs
@@ -44,6 +48,7 @@ from moec.capture.probes import (Call, call_module, copied, describe_signature, 
                                  synthetic_calls)
 from moec.capture.recognise import recognise, same_kind_key, verify
 from moec.capture.specs import ExpertsSpec, FFNSpec, RouterSpec, shared_expert
+from moec.capture.split import SplitPlan, install_split, recognise_split, record_methods, verify_split
 from moec.report import Fallback, MoELayer
 
 
@@ -69,6 +74,8 @@ class _Layer:
     def needs(self, calls: list[Call]) -> bool:
         if self.record is not None and self.plan is None:
             return False  # components: converted for good
+        if self.record is None and self.cand.__dict__.get("method_calls") and "split_tried" not in self.cand.__dict__:
+            return True  # methods seen called on a recorded run: a split layer to try
         return any(signature_of(c) not in self.tried for c in calls)
 
 
@@ -133,6 +140,15 @@ def _calls(root: nn.Module, state: _State, rerun) -> dict[str, list[Call]]:
         except Exception:  # the example does not run eagerly: fall back to synthetic probes
             recorded = {}
     out = {}
+    not_called = {layer.cand.name: layer.cand.module for layer in state.layers
+                  if layer.cand.name not in recorded and layer.cand.router}
+    if state.recorded and rerun is not None and not_called:  # parts used through other methods (``split``)
+        try:
+            methods = record_methods(root, not_called, rerun)
+        except Exception:
+            methods = {}
+        for layer in state.layers:
+            layer.cand.__dict__["method_calls"] = methods.get(layer.cand.name, {})
     for layer in state.layers:
         cand = layer.cand
         if cand.name in recorded:
@@ -173,9 +189,16 @@ def _convert(layer: _Layer, state: _State, calls: list[Call]) -> None:
             orphan = cand.__dict__["orphan"]
             layer.notes = [Fallback(orphan.name or "<root>", orphan.reason())]
         elif layer.record is None and cand.__dict__.get("not_called"):
-            _left_alone(layer, "shapes: the model never calls it with a hidden state (its experts are used "
-                               "through other methods, as JetMoE's mixture of attention heads' map/reduce); "
-                               f"called as a layer it fails: {why}")
+            cand.__dict__["split_tried"] = True
+            found = _split(cand, state)
+            if isinstance(found, Miss):
+                _left_alone(layer, f"{found}; called as a layer it fails: {why}")
+            else:
+                install_split(cand.module, found)
+                first = cand.__dict__["method_calls"][found.first]
+                cand.__dict__["split"] = (found, Call(first.args, first.kwargs, found.x_pos))
+                layer.record = _split_record(cand, found)
+                layer.notes = []
         elif layer.record is None:
             _left_alone(layer, f"shapes: it fails on a {describe_signature(signature_of(calls[0]))}: {why}")
         return
@@ -414,6 +437,31 @@ def _record(cand: Candidate, plan: BlockPlan) -> MoELayer:
         routed_scaling=plan.scaling, capacity=plan.capacity, expert_bias=bool(form.b_in or form.b_out is not None),
         recogniser="observed", post_norm="" if form.post is None else form.post.describe(),
     ) if rk else None
+
+
+def _split(cand: Candidate, state: _State) -> Union[SplitPlan, Miss]:
+    """A split layer's plan: the one proved on a layer of the same kind if it holds here (one
+    probe, both modes), else recognised afresh."""
+    calls = cand.__dict__.get("method_calls", {})
+    key = ("split", same_kind_key(cand.module))
+    known = state.kinds.get(key)
+    if known is not None and known.first in calls:
+        first = calls[known.first]
+        plan = dataclasses.replace(known, verified={False: set(), True: set()})
+        if verify_split(plan, cand.module, [Call(first.args, first.kwargs, plan.x_pos)]) is None:
+            return plan
+    found = recognise_split(cand, calls)
+    if not isinstance(found, Miss):
+        state.kinds[key] = found
+    return found
+
+
+def _split_record(cand: Candidate, plan: SplitPlan) -> MoELayer:
+    return MoELayer(
+        name=cand.name, num_experts=plan.num_experts, top_k=plan.top_k, hidden_size=cand.hidden,
+        expert_hidden_size=plan.width, router=plan.kind, num_shared_experts=0, activation="none (split: projections)",
+        renormalize=plan.renormalize, num_groups=plan.num_groups, topk_groups=plan.topk_groups,
+        routed_scaling=plan.scaling, expert_bias=False, recogniser="split")
 
 
 def _experts_ids(layer: _Layer) -> frozenset:

@@ -162,15 +162,21 @@ def _moe_layer_breaks(model, names: list[str]) -> dict[str, list[str]]:
 
     from moec.capture.probes import copied
 
+    from moec.capture.split import run_pair
+
     state = model.__dict__.get("_moec_capture_state")
-    calls = {layer.cand.name: layer.calls for layer in (state.layers if state else [])}
+    layers = {layer.cand.name: layer for layer in (state.layers if state else [])}
     out = {}
     for name in names:
-        found = [c for layer, cs in calls.items() if layer == name for c in cs[:1]]
-        if not found:
+        layer = layers.get(name)
+        if layer is None or not layer.calls:
             continue
-        call = found[0]
+        call = layer.calls[0]
         module = model.get_submodule(name)
+        fn = module
+        if "split" in layer.cand.__dict__:  # its two halves, rows straight from one to the other
+            plan, call = layer.cand.__dict__["split"]
+            fn = lambda *a, _m=module, _p=plan, **k: run_pair(_m, _p, *a, **k)  # noqa: E731
         training = module.training
         reasons = []
         for train in (False, True):  # a layer random in training runs its own code there
@@ -180,8 +186,8 @@ def _moe_layer_breaks(model, names: list[str]) -> dict[str, list[str]]:
             try:
                 with torch.no_grad():
                     # copied: a recorded KV cache is appended to by each call
-                    torch.compile(module, backend="moec", options={"inner": "eager"})(*copied(call.args),
-                                                                                      **copied(call.kwargs))
+                    torch.compile(fn, backend="moec", options={"inner": "eager"})(*copied(call.args),
+                                                                                  **copied(call.kwargs))
             except Exception as e:  # noqa: BLE001 - a layer that cannot be called alone says why
                 reasons.append(f"could not be compiled alone: {type(e).__name__}: {e}".splitlines()[0][:200])
                 continue

@@ -20,6 +20,11 @@ A layer is ``route -> dispatch -> expert_ffn -> combine`` (plus ``shared_expert`
 - ``combine(y_NH, slot_N, weights_TK)`` is the weighted sum back into token order: ``out_TH``.
 - ``shared_expert(x_TH, w_in, w_out, ...)`` is a dense FFN applied to every token.
 
+A split layer (``moec.capture.split``: experts that are single projections, applied in two
+methods with the model's own code between them) is ``route -> dispatch -> grouped_gemm`` (the
+lowered op of ``moec.ir.lowered``, gathering rows by ``token_N``) put back in slot order, then
+``grouped_gemm`` (gathering by ``slot_N``) -> ``combine``.
+
 Legend: T tokens (any leading dims flattened), H hidden, E experts, K top-k (E in expert choice), I expert hidden,
 F = 2I for gated activations else I, N = T*K routed slots.
 

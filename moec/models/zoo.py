@@ -672,9 +672,10 @@ _BLOCK_PATHS_BY_ARCH: dict[str, list[tuple[str, bool]]] = {
 }
 # The decoder-layer list, where it is not `layers`.
 _LAYERS_ATTR: dict[str, str] = {"dbrx": "blocks"}
-# Attention modules with routed experts, every layer: JetMoE's mixture of attention heads routes the
-# query and output projections with the FFN's expert count and top-k.
-_ATTENTION_EXPERTS: dict[str, str] = {"jetmoe": "self_attention"}
+# Routed attention experts, every layer: JetMoE's mixture of attention heads (the module under its
+# attention that holds the router and the query and output projections of the FFN's expert count
+# and top-k).
+_ATTENTION_EXPERTS: dict[str, str] = {"jetmoe": "self_attention.experts"}
 
 
 def _expected_for(spec: ZooArch, config) -> list[ExpectedMoE]:

@@ -109,6 +109,17 @@ def test_router_parameter_beside_stacked_experts():
     assert readings[0].experts.layout == "stacked"
 
 
+def test_identical_layers_with_bare_routers_each_pair_with_their_own():
+    # Each layer's [E, H] router is a bare parameter beside its stacked experts; the other layer's
+    # is one too, and must not pair with these experts at the module holding both (that reading
+    # had folded both layers into one candidate, and the second was missed without a word).
+    model = nn.Sequential(AllInOne(), AllInOne())
+    cands, orphans = find_candidates(model)
+    assert [(c.name, c.experts.owner) for c in cands] == [("0", ""), ("1", "")] and not orphans
+    for c in cands:
+        assert all(r.name == c.name for r in c.__dict__["alternatives"])
+
+
 def test_a_stack_of_identical_layers_is_not_experts():
     # Two identical blocks, each small enough to look like an expert, each holding an MoE layer.
     model = nn.ModuleList([nn.Sequential(Deep()) for _ in range(2)])
@@ -183,3 +194,26 @@ def test_report_says_why_a_product_key_layer_is_left_alone():
     report = moec.inspect(ProductKeys(tables=3), torch.randn(8, H))
     assert not report.moe_layers
     assert any("product-key" in f.reason and "more than two" in f.reason for f in report.fallbacks), report.fallbacks
+
+
+class BareRouterLayer(nn.Module):
+    """A bare [E, H] router parameter beside stacked experts, gathered per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Parameter(torch.randn(E, H))
+        self.w1 = nn.Parameter(torch.randn(E, I, H) / H**0.5)
+        self.w2 = nn.Parameter(torch.randn(E, H, I) / I**0.5)
+
+    def forward(self, x):
+        w, idx = (x @ self.router.t()).softmax(-1).topk(2, dim=-1)
+        h = F.silu(torch.einsum("th,tkih->tki", x, self.w1[idx]))
+        return (torch.einsum("tki,tkhi->tkh", h, self.w2[idx]) * w[..., None]).sum(1)
+
+
+def test_identical_layers_with_bare_routers_are_each_recognised():
+    from moec.capture import convert_model
+
+    result = convert_model(nn.Sequential(BareRouterLayer(), BareRouterLayer()), ((torch.randn(10, H),), {}))
+    assert [(l.name, l.num_experts, l.top_k) for l in result.layers] == [("0", E, 2), ("1", E, 2)]
+    assert result.fallbacks == []

@@ -19,14 +19,12 @@ experts get no token). The CPU target and Triton (interpreted) give the same.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
 
 import moec
 
@@ -113,44 +111,23 @@ def test_recognised_with_its_experts(name, E, K):
     assert report.graph_breaks == 0 and "left alone" not in report.table()
 
 
-def _compare(checks, model: nn.Module, xs, target: str, concentrate: bool = False) -> None:
-    torch._dynamo.reset()
-    counters.clear()
-    model.train()
-    ref = copy.deepcopy(model)
-    compiled = moec.compile(model, inner="aot_eager", target=target)
-    for i, x in enumerate(xs):
-        if concentrate and i == len(xs) - 1:  # every token's first choice expert 0 from here on
-            with torch.no_grad():
-                for m in (model, ref):
-                    _concentrate(m)
-            x = x.abs() + 1.0
-        out, out_ref = compiled(x), ref(x)
-        main, main_ref = (out[0], out_ref[0]) if isinstance(out, tuple) else (out, out_ref)
-        torch.testing.assert_close(out, out_ref)
-        (main.pow(2).mean()).backward()
-        (main_ref.pow(2).mean()).backward()
-    assert dict(counters["graph_break"]) == {}
-    checks.assert_grads_close(model, ref)
-
-
 @pytest.mark.parametrize("name", list(SPELLINGS))
 def test_compiled_matches_eager(checks, name):
     g = torch.Generator().manual_seed(3)
     xs = _inputs(g) + [torch.randn(3, 5, H, generator=g)]
-    _compare(checks, _model(name), xs, "cpu", concentrate=True)
+    checks.matches_eager_over(_model(name), xs, "cpu", last=_concentrate)
 
 
 @pytest.mark.parametrize("name", list(SPELLINGS))
 def test_top_k_equal_to_experts(checks, name):
     g = torch.Generator().manual_seed(4)
-    _compare(checks, _model(name, 9, 9), _inputs(g), "cpu")
+    checks.matches_eager_over(_model(name, 9, 9), _inputs(g), "cpu")
 
 
 @pytest.mark.parametrize("name", list(SPELLINGS))
 def test_triton_lowering_matches_eager(triton_here, checks, name):
     g = torch.Generator().manual_seed(5)
-    _compare(checks, _model(name), _inputs(g), "triton")
+    checks.matches_eager_over(_model(name), _inputs(g), "triton")
 
 
 @pytest.mark.parametrize("name", list(SPELLINGS))

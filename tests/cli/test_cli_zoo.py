@@ -2,8 +2,9 @@
 and its committed result, benchmarks/results/zoo-transformers-*.json), and the command's
 mechanics. The subset covers the three ways a layer is recognised: observed (Mixtral; GPT-OSS's
 tuple output, interleaved clamped SwiGLU and biased router; Llama-4's input-scaled experts and
-flat output), and a router moec has no form for whose experts module still becomes moec ops
-(ZAYA's MLP router with a skip class)."""
+flat output), a router moec has no form for whose experts module still becomes moec ops
+(ZAYA's MLP router with a skip class), and split layers (JetMoE's mixture of attention heads,
+used through two methods with attention between them)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from moec.cli import main as cli
 from moec.cli import zoo
 
-SUBSET = ["mixtral", "gpt_oss", "llama4", "zaya"]
+SUBSET = ["mixtral", "gpt_oss", "llama4", "zaya", "jetmoe"]
 
 
 @pytest.mark.parametrize("arch", SUBSET)

@@ -190,9 +190,9 @@ def test_dtype():
 
 
 def test_attention_experts_and_hash_routes():
-    jetmoe = zoo.build("jetmoe")  # mixture of attention heads: the attention module holds experts
+    jetmoe = zoo.build("jetmoe")  # mixture of attention heads: a module under the attention holds experts
     assert [e.name for e in jetmoe.expected if e.kind == "attention"] == [
-        "model.layers.0.self_attention", "model.layers.1.self_attention"
+        "model.layers.0.self_attention.experts", "model.layers.1.self_attention.experts"
     ]
     # DeepSeek-V4's hash-routed layers get top_k distinct experts per token, not the all-zero table.
     v4 = zoo.build("deepseek_v4")
