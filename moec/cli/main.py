@@ -190,6 +190,7 @@ def inspect_main(opts) -> int:
 def codegen_main(opts) -> int:
     from moec.codegen.emit import layer_source
     from moec.codegen.layers import graph_layer_specs
+    from moec.codegen.spec import KERNEL_GROUPS
     from moec.models.spec import load_spec
 
     with contextlib.redirect_stdout(sys.stderr):
@@ -203,8 +204,10 @@ def codegen_main(opts) -> int:
             return _fail(f"--layer {opts.layer} is out of range: {opts.spec} has {len(specs)} MoE layers (0-{len(specs) - 1})")
         chosen = [opts.layer]
     for i in chosen:
-        print(f"# moec codegen {opts.spec} --layer {i} (MoE layer {i} of {len(specs)}, in graph order)")
-        print(layer_source(specs[i]))
+        spec, groups = specs[i]
+        split = "" if len(groups) == len(KERNEL_GROUPS) else f"; a split layer: {', '.join(groups)} kernels"
+        print(f"# moec codegen {opts.spec} --layer {i} (MoE layer {i} of {len(specs)}, in graph order{split})")
+        print(layer_source(spec, groups))
     return 0
 
 

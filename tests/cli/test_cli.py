@@ -231,6 +231,23 @@ def test_codegen_prints_the_layer_kernels_from_the_ir(capsys):
     compile(out, "<codegen>", "exec")  # the printed module is valid Python
 
 
+def test_codegen_prints_a_split_layers_kernels(tmp_path, capsys):
+    """A split layer (routing and single-projection experts in two methods) runs the routing,
+    permutation and plain grouped-GEMM kernels: those are printed, with no activation."""
+    factory = tmp_path / "split_model.py"
+    factory.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'capture')!r})\n"
+        "from test_split import _model, H\n"
+        "def make():\n    return _model('gathered'), torch.randn(2, 9, H)\n")
+    assert main(["codegen", f"{factory}:make", "--layer", "1", "--target", "interpret"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# moec codegen {factory}:make --layer 1 (MoE layer 1 of 2, in graph order; a split layer")
+    assert "moec_grouped_gemm_kernel" in out and "moec_gate_kernel" in out and "transposed=True" in out
+    assert "activation=" not in out and "moec_grouped_gemm_act_kernel" not in out
+    compile(out, "<codegen>", "exec")
+
+
 def test_codegen_all_layers_and_bad_layer(capsys):
     assert main(["codegen", "builtin:shared-expert"]) == 0
     out = capsys.readouterr().out
