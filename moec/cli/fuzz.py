@@ -5,11 +5,13 @@ Contract
 ``run(cases, seed, ...)`` draws ``cases`` layers from ``moec.models.random_moe`` (case i from
 ``random.Random(f"{seed}:{i}")``, so one case reruns alone: ``case_ids=[i]``), and for each:
 
-1. builds the layer (weights seeded by the case) and takes an eager deep copy;
-2. ``moec.inspect(layer, x)``: the layer is *recognised* when the report lists exactly one MoE
-   layer, with the spec's ``num_experts`` and ``top_k`` (for Expert Choice, whose capacity
-   ``ceil(cf * T * k / E)`` fixes only ``cf * k``, with that product); otherwise the fallbacks
-   say why;
+1. builds the layer (weights seeded by the case) and takes an eager deep copy; one case in three
+   (``case_depth``) is a model of two such layers, each with its own weights, in an
+   ``nn.Sequential`` (identical layers must each be found);
+2. ``moec.inspect(model, x)``: the case is *recognised* when the report lists exactly one MoE
+   layer per layer built, each with the spec's ``num_experts`` and ``top_k`` (for Expert Choice,
+   whose capacity ``ceil(cf * T * k / E)`` fixes only ``cf * k``, with that product); otherwise
+   the fallbacks say why;
 3. ``moec.compile(layer, inner=...)`` in train mode, called on several token counts drawn from 1
    to a few hundred (two distinct counts, the first again with every token identical except under
    Expert Choice, then one token; dynamo's default dynamic-shape handling; tokens whose eager
@@ -72,6 +74,11 @@ class FuzzError(Exception):
 
 def case_spec(seed: int, case: int) -> random_moe.LayerSpec:
     return random_moe.draw(random.Random(f"{seed}:{case}"))
+
+
+def case_depth(seed: int, case: int) -> int:
+    """Layers in the case's model: 1, or, one case in three, 2 (a stack of the spec's layer)."""
+    return 2 if random.Random(f"{seed}:{case}:depth").random() < 1 / 3 else 1
 
 
 def case_calls(seed: int, case: int) -> list[tuple[int, bool]]:
@@ -281,13 +288,17 @@ def _error(stage: str, e: BaseException) -> dict[str, str]:
             "traceback": traceback.format_exc()[-3000:]}
 
 
-def _recognised(layers, spec: random_moe.LayerSpec) -> bool:
-    """One layer, with the spec's expert count and top-k. Expert Choice's capacity
-    C = ceil(cf * T * k / E) fixes cf * k only, so there the product is compared; and where
-    cf * k >= E every expert takes every token (C = T), which is token choice over all E experts."""
-    if len(layers) != 1 or layers[0].num_experts != spec.num_experts:
+def _recognised(layers, spec: random_moe.LayerSpec, depth: int = 1) -> bool:
+    """``depth`` layers, each with the spec's expert count and top-k."""
+    return len(layers) == depth and all(_matches(layer, spec) for layer in layers)
+
+
+def _matches(layer, spec: random_moe.LayerSpec) -> bool:
+    """The spec's expert count and top-k. Expert Choice's capacity C = ceil(cf * T * k / E) fixes
+    cf * k only, so there the product is compared; and where cf * k >= E every expert takes every
+    token (C = T), which is token choice over all E experts."""
+    if layer.num_experts != spec.num_experts:
         return False
-    layer = layers[0]
     if spec.router != "expert_choice":
         return layer.top_k == spec.top_k
     from moec.ir.routing import RouterKind
@@ -316,9 +327,13 @@ def run_case(seed: int, case: int, *, inner: str = DEFAULT_INNER) -> dict[str, A
         record.update(spec=random_moe.spec_to_dict(spec), describe=random_moe.describe(spec),
                       num_experts=spec.num_experts, top_k=spec.top_k)
         calls = case_calls(seed, case)
-        record["calls"] = [list(c) for c in calls]
+        depth = case_depth(seed, case)
+        record.update(calls=[list(c) for c in calls], depth=depth)
         stage = "build"
         layer, make_input = random_moe.build(spec, seed=case)
+        if depth > 1:
+            layer = torch.nn.Sequential(layer, *(random_moe.build(spec, seed=case + 7919 * i)[0]
+                                                 for i in range(1, depth)))
         ref = copy.deepcopy(layer)  # before moec converts `layer` in place
 
         stage = "inspect"
@@ -334,7 +349,7 @@ def run_case(seed: int, case: int, *, inner: str = DEFAULT_INNER) -> dict[str, A
                                  "recogniser": getattr(m, "recogniser", "")} for m in report.moe_layers]
             record["fallbacks"] = [f"{f.location}: {_short(f.reason)}" for f in report.fallbacks]
             record["inspect_graph_breaks"] = report.graph_breaks
-            record["recognised"] = _recognised(report.moe_layers, spec)
+            record["recognised"] = _recognised(report.moe_layers, spec, depth)
 
         stage = "compile"
         torch.compiler.reset()

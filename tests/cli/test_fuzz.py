@@ -121,6 +121,20 @@ def test_one_real_case_end_to_end():
     json.dumps(result)
 
 
+def test_a_two_layer_case_reports_each_layer():
+    """A case built as a stack of two layers of its spec is recognised only with both found."""
+    case = next(i for i in range(100) if fuzz.case_depth(SAMPLE_SEED, i) == 2
+                and fuzz.case_spec(SAMPLE_SEED, i).num_experts <= 4)
+    record = fuzz.run_case(SAMPLE_SEED, case)
+    assert record["depth"] == 2 and fuzz.status(record) == "ok", (record["describe"], record["fallbacks"])
+    assert [layer["name"] for layer in record["layers"]] == ["0", "1"]
+    spec = fuzz.case_spec(SAMPLE_SEED, case)
+    from types import SimpleNamespace as NS
+
+    one = NS(num_experts=spec.num_experts, top_k=spec.top_k, router="softmax_topk")
+    assert not fuzz._recognised([one], spec, 2) and fuzz._recognised([one, one], spec, 2)
+
+
 def test_fuzz_sample():
     result = fuzz.run(cases=SAMPLE_CASES, seed=SAMPLE_SEED)
     bad = [fuzz.progress_line(r) for r in result["cases"] if fuzz.status(r) != "ok"]
