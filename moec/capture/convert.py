@@ -46,7 +46,7 @@ from moec.capture.match import Miss
 from moec.capture.plan import BlockPlan
 from moec.capture.probes import (Call, call_module, copied, describe_signature, find_x, record_calls, signature_of,
                                  synthetic_calls)
-from moec.capture.recognise import recognise, same_kind_key, verify
+from moec.capture.recognise import own_forward, recognise, same_kind_key, verify
 from moec.capture.specs import ExpertsSpec, FFNSpec, RouterSpec, shared_expert
 from moec.capture.split import SplitPlan, install_split, recognise_split, record_methods, verify_split
 from moec.report import Fallback, MoELayer
@@ -126,7 +126,45 @@ def convert_model(root: nn.Module, example: Optional[tuple[tuple, dict]] = None,
         layer.seconds += time.perf_counter() - start
     root.train(was_training)
     state.result = _result(state)
+    for module in root.modules():
+        if module is root or any(k.startswith("_moec_") for k in module.__dict__):
+            _copy_as_unconverted(module)
     return state.result
+
+
+# What capture adds to a module's __dict__: its installed forward and the state behind it.
+_INSTALLED = ("forward", "_moec_original_forward", "_moec_experts_spec", "_moec_block_installed",
+              "_moec_capture_state", "_moec_pack_holder", "_moec_split_methods", "__deepcopy__", "__getstate__")
+
+
+def _unconverted_state(module: nn.Module) -> dict:
+    """``module.__dict__`` without what capture installed (and its packed expert buffers)."""
+    own = module.__dict__
+    drop = set(_INSTALLED) | set(own.get("_moec_split_methods", ()))
+    if "_moec_original_forward" not in own:
+        drop.discard("forward")  # a forward the model itself set
+    state = {k: v for k, v in own.items() if k not in drop}
+    state["_buffers"] = {k: v for k, v in own["_buffers"].items() if not k.startswith("_moec_packed_")}
+    return state
+
+
+def _copy_as_unconverted(module: nn.Module) -> None:
+    """``copy.deepcopy`` and pickling (``torch.save``) of a converted module give the module as
+    it was before capture: its installed forwards close over this module (a deep copy would
+    compute with this module's parameters) and are local functions (pickle refuses them). A
+    moec compile of the copy captures it afresh."""
+
+    def deepcopy(memo: dict) -> nn.Module:
+        import copy
+
+        cls = type(module)
+        new = cls.__new__(cls)
+        memo[id(module)] = new
+        new.__dict__.update(copy.deepcopy(_unconverted_state(module), memo))
+        return new
+
+    module.__dict__["__deepcopy__"] = deepcopy
+    module.__dict__["__getstate__"] = lambda: _unconverted_state(module)
 
 
 def _calls(root: nn.Module, state: _State, rerun) -> dict[str, list[Call]]:
@@ -224,7 +262,14 @@ def _convert(layer: _Layer, state: _State, calls: list[Call]) -> None:
         return
     key = same_kind_key(cand.module)
     plan = state.kinds.get(key)
-    if plan is None or verify(plan, cand.module, runnable, full=False) is not None:
+    # The reading the kind's plan was proved on (a router and experts other than this layer's
+    # first reading, say): the layer is recorded as that reading, with its expert count.
+    reading = None if plan is None else next(
+        (h for h in [cand, *cand.__dict__.get("alternatives", [])]
+         if h.router == plan.router and h.experts == plan.experts), None)
+    if reading is not None and verify(plan, cand.module, runnable, full=False) is None:
+        layer.cand = reading
+    else:
         plan, first_miss = None, None
         for hyp in [cand, *cand.__dict__.get("alternatives", [])]:
             fitting = [c for c in runnable if c.x.shape[-1] == hyp.hidden]
@@ -247,7 +292,7 @@ def _convert(layer: _Layer, state: _State, calls: list[Call]) -> None:
                     f"routing kept as the model's own code (no canonical router form: {first_miss}); the experts "
                     "run as moec ops"))]
                 return
-            _left_alone(layer, str(first_miss))
+            _left_alone(layer, f"{first_miss}; its experts module alone: {experts}")
             return
     _accept(layer, plan, runnable)
 
@@ -529,7 +574,7 @@ def _try_components(cand: Candidate) -> Union[tuple[MoELayer, list[Fallback]], s
     if not router_path or not experts_path or "." in router_path or "." in experts_path:
         return "router and experts are not child modules of the layer"
     router, experts = module.get_submodule(router_path), module.get_submodule(experts_path)
-    if isinstance(experts, (nn.ModuleList, nn.ModuleDict)) or isinstance(router, nn.Linear):
+    if not own_forward(experts) or isinstance(router, nn.Linear):
         return "no router / experts modules with routing interfaces"
     training = module.training
     module.eval()

@@ -896,6 +896,12 @@ def _routing_probe(T: int, E: int, K: int, like: Tensor, seed: int, hidden: int)
     return x.to(like.device), idx.to(like.device), w.to(like.device)
 
 
+def own_forward(module: nn.Module) -> bool:
+    """The module's class defines a forward (a bare ``nn.ModuleList`` / ``ModuleDict`` does not; a
+    subclass of one that routes, as NLLB-MoE's experts dict, does)."""
+    return type(module).forward is not nn.Module.forward
+
+
 def recognise_experts_module(cand: Candidate, top_k: int):
     """The experts' own module as ``forward(x [T, H], idx [T, K], weights [T, K]) -> [T, H]``
     (transformers' experts interface), reproduced by dispatch -> expert FFN -> combine: an
@@ -907,7 +913,7 @@ def recognise_experts_module(cand: Candidate, top_k: int):
 
     module = owner_of(cand)
     E, H = cand.experts.num_experts, cand.hidden
-    if module is cand.module or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+    if module is cand.module or not own_forward(module):
         return Miss("experts", "the experts are not a module of their own with a routing interface")
     like = next(module.parameters())
     K = max(1, min(top_k, E))

@@ -231,6 +231,7 @@ def install_split(module: nn.Module, plan: SplitPlan) -> None:
 
     module.__dict__[plan.first] = first_half
     module.__dict__[plan.second] = second_half
+    module.__dict__["_moec_split_methods"] = (plan.first, plan.second)
 
 
 def run_pair(module: nn.Module, plan: SplitPlan, *args, **kwargs) -> Tensor:

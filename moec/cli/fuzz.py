@@ -5,8 +5,8 @@ Contract
 ``run(cases, seed, ...)`` draws ``cases`` layers from ``moec.models.random_moe`` (case i from
 ``random.Random(f"{seed}:{i}")``, so one case reruns alone: ``case_ids=[i]``), and for each:
 
-1. builds the layer (weights seeded by the case) and takes an eager deep copy; one case in three
-   (``case_depth``) is a model of two such layers, each with its own weights, in an
+1. builds the layer (weights seeded by the case) and takes an eager deep copy; one float32 case
+   in three (``case_depth``) is a model of two such layers, each with its own weights, in an
    ``nn.Sequential`` (identical layers must each be found);
 2. ``moec.inspect(model, x)``: the case is *recognised* when the report lists exactly one MoE
    layer per layer built, each with the spec's ``num_experts`` and ``top_k`` (for Expert Choice,
@@ -77,7 +77,13 @@ def case_spec(seed: int, case: int) -> random_moe.LayerSpec:
 
 
 def case_depth(seed: int, case: int) -> int:
-    """Layers in the case's model: 1, or, one case in three, 2 (a stack of the spec's layer)."""
+    """Layers in the case's model: 1, or, for one float32 case in three, 2 (a stack of the spec's
+    layer). Not in bfloat16: the first layer's output rounds differently under moec and eager (in
+    bounds), and the second layer's routing can then pick another expert for a token whose top-k
+    margin is larger than the tie check sees (it sees eager's routing only): 16 of 351 two-layer
+    cases of seed 0 differed so, all bf16 (none of the fp32 ones, none with one layer)."""
+    if case_spec(seed, case).dtype != "float32":
+        return 1
     return 2 if random.Random(f"{seed}:{case}:depth").random() < 1 / 3 else 1
 
 
