@@ -78,10 +78,11 @@ def case_spec(seed: int, case: int) -> random_moe.LayerSpec:
 
 def case_depth(seed: int, case: int) -> int:
     """Layers in the case's model: 1, or, for one float32 case in three, 2 (a stack of the spec's
-    layer). Not in bfloat16: the first layer's output rounds differently under moec and eager (in
-    bounds), and the second layer's routing can then pick another expert for a token whose top-k
-    margin is larger than the tie check sees (it sees eager's routing only): 16 of 351 two-layer
-    cases of seed 0 differed so, all bf16 (none of the fp32 ones, none with one layer)."""
+    layer). Not in bfloat16: 16 of 351 two-layer cases of seed 0 differed from eager, all bf16
+    (none of the fp32 ones, none with one layer). Suspected, not yet shown case by case: the first
+    layer's output rounds differently under moec and eager (in bounds), and the second layer's
+    routing then picks another expert for a token whose top-k margin is larger than the tie check
+    sees (it sees eager's routing only)."""
     if case_spec(seed, case).dtype != "float32":
         return 1
     return 2 if random.Random(f"{seed}:{case}:depth").random() < 1 / 3 else 1
