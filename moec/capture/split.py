@@ -247,7 +247,8 @@ def run_pair(module: nn.Module, plan: SplitPlan, *args, **kwargs) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _tensor_positions(call: MethodCall) -> list[tuple[Union[int, str], Any]]:
+def _arguments(call: MethodCall) -> list[tuple[Union[int, str], Any]]:
+    """(position or name, value) of every argument of a recorded call."""
     return [(i, a) for i, a in enumerate(call.args)] + list(call.kwargs.items())
 
 
@@ -272,14 +273,14 @@ def _halves(cand: Candidate, calls: dict[str, MethodCall]) -> Union[tuple, Miss]
             for second in calls.values():
                 if second is first:
                     continue
-                z_pos = next((k for k, v in _tensor_positions(second) if isinstance(v, Tensor)
+                z_pos = next((k for k, v in _arguments(second) if isinstance(v, Tensor)
                               and tuple(v.shape) == tuple(q.shape)), None)
-                r = [(k, first.out_ids.index(second.arg_ids[k])) for k, _ in _tensor_positions(second)
+                r = [(k, first.out_ids.index(second.arg_ids[k])) for k, _ in _arguments(second)
                      if k != z_pos and second.arg_ids[k] in first.out_ids]
                 y = second.out
                 if z_pos is None or len(r) != 1 or not (isinstance(y, Tensor) and tuple(y.shape) == tuple(x.shape)):
                     continue
-                if len(_tensor_positions(second)) != 2 or len(_tensor_positions(first)) != 1:
+                if len(_arguments(second)) != 2 or len(_arguments(first)) != 1:
                     return Miss("shapes", f"{first.name}() and {second.name}() look like the two halves of a split "
                                           "MoE layer but take other arguments too (not supported)")
                 routing_pos, routing_at = r[0]
