@@ -219,9 +219,13 @@ def find_candidates(root: nn.Module) -> tuple[list[Candidate], list[Orphan]]:
     # Another stacked group's own [E, H] tensors (its router or its bias) route no other experts:
     # two identical layers, each with a bare router parameter beside its stacked experts, would
     # otherwise pair each with the other's weight, at the module holding both.
-    owned = {key: {_join(key[0], n) for n in g.names} for key, g in groups.items() if g.layout == "stacked"}
-    paired = {key: _pairings(root, key[0], g, [(n, w) for n, w in routers if not any(
-        n in names for k, names in owned.items() if k != key)]) for key, g in groups.items()}
+    owners: dict[str, set] = {}
+    for key, g in groups.items():
+        if g.layout == "stacked":
+            for n in g.names:
+                owners.setdefault(_join(key[0], n), set()).add(key)
+    paired = {key: _pairings(root, key[0], g, [(n, w) for n, w in routers if not owners.get(n, set()) - {key}])
+              for key, g in groups.items()}
     # One module's [E*n, h] matrices read as flat experts for several E (a square attention
     # weight pairs with them too): only the readings whose router is nearest stay.
     nearest: dict[str, int] = {}
